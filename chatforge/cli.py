@@ -1,0 +1,191 @@
+"""The ``chatforge`` command. Thin: parses arguments and calls the modules.
+
+    chatforge pipeline run [CONFIG] [--preset P] [--name N] [--set k=v ...] [--force STAGE]
+    chatforge data generate|collect|clean|shard [-c CONFIG] [--set k=v ...]
+    chatforge tokenizer train [-c CONFIG] [--set k=v ...]
+    chatforge tokenizer encode TOKENIZER_DIR TEXT
+    chatforge config show [CONFIG] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from chatforge import __version__
+from chatforge.config import PRESETS, RunConfig, load_config, to_toml
+from chatforge.errors import ChatforgeError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", nargs="?", help="TOML config file (tables mirror the config dataclasses)")
+    else:
+        p.add_argument("-c", "--config", help="TOML config file (tables mirror the config dataclasses)")
+    p.add_argument("--preset", choices=list(PRESETS), help="preset to start from (default: tiny)")
+    p.add_argument("--name", help="run name: outputs go to RUNS_DIR/NAME (default: 'default')")
+    p.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set clean.min_words=5 (repeatable)")
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()) -> RunConfig:
+    overrides = list(args.overrides) + list(extra)
+    if args.name:
+        overrides.append(f"name={json.dumps(args.name)}")
+    if args.runs_dir:
+        overrides.append(f"runs_dir={json.dumps(args.runs_dir)}")
+    return load_config(args.config, overrides=overrides, preset=args.preset)
+
+
+def _fmt_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, dict | list):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+        if len(parts) == limit:
+            break
+    return " ".join(parts)
+
+
+def _run(cfg: RunConfig, only: list[str] | None, force: list[str]) -> None:
+    from chatforge.pipeline import run_pipeline
+
+    def on_start(stage, reason):
+        console.print(f"[bold]▶ {stage.name}[/bold] ({reason}): {stage.describe}")
+
+    def on_end(r):
+        if r.status == "skipped":
+            console.print(f"[dim]✓ {r.name}: up to date, skipped[/dim]")
+        else:
+            console.print(f"[green]✓ {r.name}[/green] in {r.wall_time_s:.1f}s  {_fmt_metrics(r.metrics)}")
+
+    results = run_pipeline(cfg, only=only, force=force, on_start=on_start, on_end=on_end)
+    table = Table(title=f"run {cfg.name!r} ({cfg.preset})")
+    for col in ("stage", "status", "time (s)", "metrics"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, r.status, f"{r.wall_time_s:.1f}", _fmt_metrics(r.metrics, limit=6))
+    console.print(table)
+    _print_outputs(cfg)
+
+
+def _print_outputs(cfg: RunConfig) -> None:
+    from chatforge.pipeline import paths
+    from chatforge.run import relpath
+
+    p = paths(cfg)
+    rows = [
+        ("SupportWorld data", p.supportworld),
+        ("clean corpus", p.clean),
+        ("clean report", p.clean_report),
+        ("tokenizer", p.tokenizer),
+        ("tokenizer report", p.tokenizer_report),
+        ("train/val shards", p.shards_index),
+        ("manifest", p.root / "manifest.json"),
+    ]
+    console.print("\n[bold]Outputs[/bold]")
+    for label, path in rows:
+        if path.exists():
+            console.print(f"  {label:<18} {relpath(path)}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> None:
+    _run(_config(args), only=args.only or None, force=args.force)
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    extra = []
+    if getattr(args, "sources", None):
+        extra.append("collect.sources=" + json.dumps(args.sources))
+    _run(_config(args, extra), only=[args.stage], force=[args.stage] if args.force_stage else [])
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    sys.stdout.write(to_toml(_config(args)))
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
+    from chatforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(args.tokenizer))
+    ids = tok.encode(args.text)
+    console.print(json.dumps(ids))
+    console.print(" | ".join(tok.id_to_token(i) for i in ids), markup=False)
+    console.print(f"{len(args.text.encode())} bytes -> {len(ids)} tokens", markup=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatforge", description="Build your own ChatGPT-style assistant.")
+    parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pipe = sub.add_parser("pipeline", help="run every stage, skipping those that are up to date")
+    pipe_sub = pipe.add_subparsers(dest="action", required=True)
+    run = pipe_sub.add_parser("run", help="run the pipeline")
+    _add_config_args(run, positional=True)
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="re-run STAGE even if up to date ('all' for every stage; repeatable)")
+    run.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only STAGE (repeatable)")
+    run.set_defaults(func=cmd_pipeline_run)
+
+    data = sub.add_parser("data", help="data stages")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    for name, stage, helptext in (
+        ("generate", "supportworld", "generate the built-in SupportWorld data"),
+        ("collect", "collect", "gather documents into data/raw.jsonl"),
+        ("clean", "clean", "clean data/raw.jsonl into data/clean.jsonl + clean_report.json"),
+        ("shard", "shard", "tokenise data/clean.jsonl into train/val shards"),
+    ):
+        p = data_sub.add_parser(name, help=helptext)
+        if name == "collect":
+            p.add_argument("sources", nargs="*", help="files, directories, globs, hf:NAME or URLs "
+                                                      "(default: collect.sources, else the SupportWorld corpus)")
+        _add_config_args(p)
+        p.add_argument("--force", dest="force_stage", action="store_true", help="run even if up to date")
+        p.set_defaults(func=cmd_stage, stage=stage)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer stages and tools")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    train = tok_sub.add_parser("train", help="train the tokenizer on data/clean.jsonl")
+    _add_config_args(train)
+    train.add_argument("--force", dest="force_stage", action="store_true", help="run even if up to date")
+    train.set_defaults(func=cmd_stage, stage="tokenizer")
+    enc = tok_sub.add_parser("encode", help="show how a saved tokenizer splits a text")
+    enc.add_argument("tokenizer", help="tokenizer directory, e.g. runs/default/tokenizer")
+    enc.add_argument("text")
+    enc.set_defaults(func=cmd_tokenizer_encode)
+
+    conf = sub.add_parser("config", help="inspect configs")
+    conf_sub = conf.add_subparsers(dest="action", required=True)
+    show = conf_sub.add_parser("show", help="print the resolved config as TOML")
+    _add_config_args(show, positional=True)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ChatforgeError as e:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    return 0

@@ -1,0 +1,346 @@
+"""Typed configs: one dataclass per stage, presets, TOML files and ``--set`` overrides.
+
+A run's whole configuration is one ``RunConfig``. It is built in three layers, each
+overriding the one before: the preset (``tiny`` by default), an optional TOML file
+whose tables mirror the dataclasses (``[clean]``, ``[tokenizer]``, ...), and
+``--set section.field=value`` overrides from the command line. Unknown keys, values
+of the wrong type and values outside the allowed set are ``ConfigError`` messages
+that name the field (and the file) and say what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatforge.errors import ConfigError
+
+
+@dataclass
+class SupportWorldConfig:
+    """The built-in default data: a fictional online shop, generated from a seed."""
+
+    seed: int = 1337
+    corpus_mb: float = 3.0  # size of the pre-training corpus (help articles + product pages)
+    n_products: int = 400
+    n_customers: int = 600
+    n_reviews: int = 6000
+    n_conversations: int = 4000
+    n_translations: int = 3000
+    n_candidates: int = 4  # candidate answers per support prompt (preference data)
+    val_fraction: float = 0.1  # held-out share of each task (split by entity, not by row)
+    test_fraction: float = 0.1
+
+
+@dataclass
+class CollectConfig:
+    """Where the raw documents come from. No sources means the SupportWorld corpus."""
+
+    sources: list[str] = field(default_factory=list)  # files, directories, globs, hf:NAME, http(s) URLs
+    text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet/.csv
+    id_field: str = "id"  # field holding a document id, when present
+    hf_split: str = "train"  # split used for hf:NAME sources
+    max_docs: int = 0  # 0 = no limit
+
+
+@dataclass
+class CleanConfig:
+    """Normalisation, quality heuristics, de-duplication and PII scrubbing."""
+
+    unicode_form: str = "NFC"  # NFC | NFKC | none
+    # Quality heuristics in the style of Gopher / FineWeb.
+    min_chars: int = 40
+    min_words: int = 8
+    max_words: int = 100_000
+    min_mean_word_len: float = 2.5
+    max_mean_word_len: float = 12.0
+    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
+    min_alpha_word_frac: float = 0.7  # words containing at least one letter
+    max_bullet_line_frac: float = 0.9
+    max_ellipsis_line_frac: float = 0.3
+    max_dup_line_frac: float = 0.3  # share of lines that repeat another line of the same doc
+    max_dup_line_char_frac: float = 0.2
+    # De-duplication.
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash_threshold: float = 0.8  # estimated Jaccard similarity above which a doc is a near-duplicate
+    minhash_num_perm: int = 128
+    shingle_words: int = 5
+    # PII scrubbing and the safety-filter hook ("module:function" taking text, returning reason or None).
+    scrub_pii: bool = True
+    safety_filter: str = ""
+    workers: int = 0  # worker processes; 0 = one per CPU core
+    examples_per_rule: int = 3  # examples of dropped documents kept in clean_report.json
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to train and how big."""
+
+    kind: str = "bpe"  # bpe | byte | char
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    max_train_mb: float = 0.0  # cap on the text fed to BPE training; 0 = all
+
+
+@dataclass
+class ShardConfig:
+    """How the tokenised corpus is cut into memory-mapped shards."""
+
+    val_fraction: float = 0.05  # share of documents held out for validation
+    shard_tokens: int = 100_000_000  # max tokens per train shard file
+    seed: int = 1337
+
+
+@dataclass
+class RunConfig:
+    """Everything one run of the pipeline needs."""
+
+    name: str = "default"  # run directory name under runs_dir
+    runs_dir: str = "runs"
+    preset: str = "tiny"
+    supportworld: SupportWorldConfig = field(default_factory=SupportWorldConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# Presets are overrides on top of the dataclass defaults, written as --set keys.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU, minutes: a small corpus and vocabulary.
+    "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096},
+    # CPU, about half an hour end to end.
+    "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192},
+    # GPU presets: a bigger corpus and a GPT-2-sized vocabulary.
+    "gpt2-124m": {"supportworld.corpus_mb": 60.0, "tokenizer.vocab_size": 32768},
+    "d20": {"supportworld.corpus_mb": 120.0, "tokenizer.vocab_size": 65536},
+}
+
+# Values allowed for string fields with a fixed set of choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(PRESETS),
+    "clean.unicode_form": ("NFC", "NFKC", "none"),
+    "tokenizer.kind": ("bpe", "byte", "char"),
+}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+) -> RunConfig:
+    """Build a validated ``RunConfig`` from preset, optional TOML file and overrides.
+
+    The preset is taken from (in order) the ``preset`` argument, a ``preset=...``
+    override, the file's top-level ``preset`` key, else ``tiny``.
+    """
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        file_values = _flatten(_read_toml(Path(path)), source=str(path))
+    parsed = [_split_override(o) for o in overrides or []]
+    override_preset = [v for k, v in parsed if k == "preset"]
+    chosen = preset or (override_preset[-1] if override_preset else None) or file_values.get("preset") or "tiny"
+    if chosen not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {chosen!r}; allowed: {', '.join(PRESETS)}")
+
+    cfg = RunConfig()
+    for key, value in PRESETS[chosen].items():
+        _assign(cfg, key, value, source=f"preset {chosen}")
+    for key, value in file_values.items():
+        _assign(cfg, key, value, source=str(path))
+    for key, text in parsed:
+        _assign(cfg, key, _parse_value(text), source="--set")
+    cfg.preset = chosen
+    validate(cfg)
+    return cfg
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def _flatten(d: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, source, prefix=f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. clean.min_words=5")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value when it is one, else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assign(cfg: RunConfig, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {'.'.join([*parts[:i], close[0]])!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown config key {key!r}{hint}; keys allowed at {where}: {', '.join(names)}"
+            )
+        f = names[part]
+        hint_type = typing.get_type_hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint_type):
+                raise ConfigError(f"{source}: {key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(hint_type)[0].name}")
+            setattr(obj, part, _coerce(value, hint_type, key, source))
+        else:
+            if not dataclasses.is_dataclass(hint_type):
+                raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+            obj = getattr(obj, f.name)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or value == "none" and type(None) in typing.get_args(hint):
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item, key, source) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            value = str(value)
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {hint}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the first invalid field and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        _check(value in allowed, key, f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
+    _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
+           f"{cfg.name!r} must be a plain directory name (no '/')")
+    sw = cfg.supportworld
+    _check(sw.corpus_mb > 0, "supportworld.corpus_mb", "must be > 0")
+    for f in ("n_products", "n_customers", "n_reviews", "n_conversations", "n_translations"):
+        _check(getattr(sw, f) >= 10, f"supportworld.{f}", "must be at least 10")
+    _check(2 <= sw.n_candidates <= 8, "supportworld.n_candidates", "must be between 2 and 8")
+    _check(0 < sw.val_fraction < 0.5 and 0 < sw.test_fraction < 0.5, "supportworld.val_fraction",
+           "val_fraction and test_fraction must each be in (0, 0.5)")
+    c = cfg.clean
+    _check(c.min_chars >= 0 and c.min_words >= 0, "clean.min_chars", "must be >= 0")
+    _check(c.max_words > c.min_words, "clean.max_words", "must be greater than clean.min_words")
+    _check(0 < c.minhash_threshold < 1, "clean.minhash_threshold", "must be in (0, 1)")
+    _check(16 <= c.minhash_num_perm <= 1024, "clean.minhash_num_perm", "must be in [16, 1024]")
+    _check(c.shingle_words >= 1, "clean.shingle_words", "must be >= 1")
+    _check(c.workers >= 0, "clean.workers", "must be >= 0 (0 = one per core)")
+    _check(c.safety_filter == "" or ":" in c.safety_filter, "clean.safety_filter",
+           f"{c.safety_filter!r} must look like 'package.module:function'")
+    for f in ("min_alpha_word_frac", "max_bullet_line_frac", "max_ellipsis_line_frac",
+              "max_dup_line_frac", "max_dup_line_char_frac"):
+        v = getattr(c, f)
+        _check(0.0 <= v <= 1.0, f"clean.{f}", f"{v} must be a fraction in [0, 1]")
+    t = cfg.tokenizer
+    if t.kind == "bpe":
+        _check(300 <= t.vocab_size <= 4_294_967_295, "tokenizer.vocab_size",
+               f"{t.vocab_size} must be at least 300 for bpe (256 bytes + special tokens + merges)")
+    _check(t.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
+    s = cfg.shard
+    _check(0 < s.val_fraction < 0.5, "shard.val_fraction", f"{s.val_fraction} must be in (0, 0.5)")
+    _check(s.shard_tokens >= 1024, "shard.shard_tokens", "must be >= 1024")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def section_hash(section: Any) -> str:
+    """A stable hash of a config section, used to decide whether a stage must re-run."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Render a config as TOML that ``load_config`` reads back to the same values."""
+    lines = [f"name = {json.dumps(cfg.name)}", f"runs_dir = {json.dumps(cfg.runs_dir)}",
+             f"preset = {json.dumps(cfg.preset)}"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        lines.append(f"\n[{f.name}]")
+        for sub in dataclasses.fields(value):
+            lines.append(f"{sub.name} = {json.dumps(getattr(value, sub.name))}")
+    return "\n".join(lines) + "\n"
