@@ -4,6 +4,9 @@
     chatforge data generate|collect|clean|shard [-c CONFIG] [--set k=v ...]
     chatforge tokenizer train [-c CONFIG] [--set k=v ...]
     chatforge tokenizer encode TOKENIZER_DIR TEXT
+    chatforge pretrain [-c CONFIG] [--set k=v ...] [--resume]     (also under torchrun)
+    chatforge sample [MODEL_DIR] [--prompt TEXT ...] [sampling flags]
+    chatforge eval perplexity [MODEL_DIR] [--text SOURCE | --shards FILE ...]
     chatforge config show [CONFIG] [--set k=v ...]
 """
 
@@ -78,7 +81,23 @@ def _run(cfg: RunConfig, only: list[str] | None, force: list[str]) -> None:
     for r in results:
         table.add_row(r.name, r.status, f"{r.wall_time_s:.1f}", _fmt_metrics(r.metrics, limit=6))
     console.print(table)
+    _print_pretrain_report(cfg)
     _print_outputs(cfg)
+
+
+def _print_pretrain_report(cfg: RunConfig) -> None:
+    from chatforge.pipeline import paths
+
+    path = paths(cfg).pretrain / "eval.json"
+    if not path.exists():
+        return
+    r = json.loads(path.read_text())
+    console.print(f"\n[bold]Pre-training[/bold]: {r['steps']} steps, {r['train_tokens']:,} tokens, "
+                  f"{r['tokens_per_s']:,.0f} tok/s ({r['dtype']} on {r['device']})")
+    console.print(f"  held-out perplexity {r['val_ppl']:.2f} (loss {r['val_loss']:.3f}, {r['val_bpb']:.3f} bits/byte)"
+                  f"; unigram baseline perplexity {r['unigram_ppl']:.2f}", markup=False)
+    for s in r.get("samples", []):
+        console.print(f"  sample: {s!r}", markup=False)
 
 
 def _print_outputs(cfg: RunConfig) -> None:
@@ -93,6 +112,9 @@ def _print_outputs(cfg: RunConfig) -> None:
         ("tokenizer", p.tokenizer),
         ("tokenizer report", p.tokenizer_report),
         ("train/val shards", p.shards_index),
+        ("pre-trained model", p.pretrain / "model"),
+        ("pretrain metrics", p.pretrain / "metrics.jsonl"),
+        ("pretrain report", p.pretrain / "eval.json"),
         ("manifest", p.root / "manifest.json"),
     ]
     console.print("\n[bold]Outputs[/bold]")
@@ -113,6 +135,83 @@ def cmd_stage(args: argparse.Namespace) -> None:
     if getattr(args, "sources", None):
         extra.append("collect.sources=" + json.dumps(args.sources))
     _run(_config(args, extra), only=[args.stage], force=[args.stage] if args.force_stage else [])
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    import time
+
+    from chatforge.pipeline import model_stages
+    from chatforge.run import RunDir
+    from chatforge.train.dist import dist_from_env, shutdown_distributed
+    from chatforge.train.pretrain import pretrain
+
+    cfg = _config(args)
+    dist = dist_from_env()
+    t0 = time.perf_counter()
+    try:
+        metrics = pretrain(cfg, resume=args.resume, dist=dist)
+    finally:
+        shutdown_distributed()
+    if dist.is_main:
+        stage = next(s for s in model_stages() if s.name == "pretrain")
+        RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
+        _print_pretrain_report(cfg)
+        _print_outputs(cfg)
+
+
+def _default_model(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from chatforge.pipeline import paths
+
+    return paths(load_config(None, preset=None)).pretrain / "model"
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from chatforge.model.generate import generate, stream
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, _ = load_model(_default_model(args), device)
+    prompts = args.prompt or [""]
+    encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, stop_tokens=[tok.bos_id], seed=args.seed, device=device)
+    if args.stream and len(encoded) == 1:
+        sys.stdout.write(prompts[0])
+        pending: list[int] = []
+        for t in stream(model, encoded[0], args.max_new_tokens, **kwargs):
+            pending.append(t)
+            text = tok.decode(pending)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+        sys.stdout.write(tok.decode(pending) + "\n")
+        return
+    outs = generate(model, encoded, args.max_new_tokens, **kwargs)
+    for p, o in zip(prompts, outs):
+        console.print(f"[bold]{escape(p)}[/bold]{escape(tok.decode(o))}\n")
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from chatforge.eval.lm import perplexity
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    model_dir = _default_model(args)
+    model, tok, _ = load_model(model_dir, device)
+    result = perplexity(model, tok, text=args.text, shards=args.shards, block_size=args.block_size,
+                        batch_size=args.batch_size, max_batches=args.max_batches, device=device,
+                        text_field=args.text_field)
+    result = {"model": str(model_dir), **result}
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    console.print(f"{model_dir}: perplexity {result['val_ppl']:.3f}  loss {result['val_loss']:.4f}  "
+                  f"bits/byte {result['val_bpb']:.4f}  over {result['val_tokens']:,} tokens", markup=False)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -169,6 +268,39 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("tokenizer", help="tokenizer directory, e.g. runs/default/tokenizer")
     enc.add_argument("text")
     enc.set_defaults(func=cmd_tokenizer_encode)
+
+    pre = sub.add_parser("pretrain", help="pre-train the GPT on the run's shards (torchrun for several processes)")
+    _add_config_args(pre)
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    pre.set_defaults(func=cmd_pretrain)
+
+    smp = sub.add_parser("sample", help="continue prompts with a trained model")
+    smp.add_argument("model", nargs="?", help="model or checkpoint directory (default: runs/default/pretrain/model)")
+    smp.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
+    smp.add_argument("--max-new-tokens", type=int, default=100)
+    smp.add_argument("--temperature", type=float, default=0.8)
+    smp.add_argument("--top-k", type=int, default=50, help="0 = off")
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--repetition-penalty", type=float, default=1.0)
+    smp.add_argument("--seed", type=int, default=None)
+    smp.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
+    smp.add_argument("--device", default="auto")
+    smp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    ev_sub = ev.add_subparsers(dest="action", required=True)
+    ppl = ev_sub.add_parser("perplexity", help="held-out loss, perplexity and bits per byte")
+    ppl.add_argument("model", nargs="?", help="model or checkpoint directory (default: runs/default/pretrain/model)")
+    src = ppl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text source: file, directory or glob (.txt .md .jsonl .json .csv .parquet .html)")
+    src.add_argument("--shards", nargs="+", help="token shard files (.bin) written with this model's tokenizer")
+    ppl.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/csv/parquet")
+    ppl.add_argument("--block-size", type=int, default=None, help="default: the model's context length")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-batches", type=int, default=None)
+    ppl.add_argument("--device", default="auto")
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(func=cmd_eval_perplexity)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)

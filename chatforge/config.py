@@ -101,6 +101,54 @@ class ShardConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Shape of the GPT. ``depth`` derives width and heads (nanochat's rule); 0 keeps the derived value."""
+
+    depth: int = 4  # n_layer; n_embd = 64 * depth and 64-dim heads unless overridden below
+    n_embd: int = 0  # 0 = 64 * depth
+    n_head: int = 0  # 0 = derived from n_embd (64-dim heads)
+    n_kv_head: int = 0  # grouped-query attention: key/value heads; 0 = n_head
+    block_size: int = 256  # context length in tokens
+    mlp_ratio: float = 4.0
+    tie_embeddings: bool = False
+    qk_norm: bool = True
+    dropout: float = 0.0
+    logit_softcap: float = 15.0  # > 0: logits = cap * tanh(logits / cap) (nanochat, Gemma 2)
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: used by every training stage (pre-training, SFT, tasks, alignment)."""
+
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32) | fp32 | bf16 | fp16
+    batch_size: int = 16  # sequences per micro-batch on each process
+    tokens_per_step: int = 0  # target tokens per optimizer step (gradient accumulation); 0 = one micro-batch
+    max_steps: int = 600
+    lr: float = 3e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # final LR as a fraction of the peak
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 30
+    decay_frac: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    eval_every: int = 100  # steps between held-out evaluations (and at the end); 0 = only at the end
+    eval_batches: int = 20  # micro-batches of held-out data per evaluation; 0 = the whole split
+    sample_every: int = 0  # steps between sample generations; 0 = only at the end
+    sample_tokens: int = 48
+    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    log_every: int = 10  # steps between lines in metrics.jsonl
+    compile: bool = False  # torch.compile the model (GPU; slow to start on CPU)
+    tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
+    wandb_project: str = ""  # also log to Weights & Biases under this project (needs wandb)
+
+
+@dataclass
 class RunConfig:
     """Everything one run of the pipeline needs."""
 
@@ -112,6 +160,8 @@ class RunConfig:
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -121,12 +171,25 @@ class RunConfig:
 # Presets are overrides on top of the dataclass defaults, written as --set keys.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, minutes: a small corpus and vocabulary.
-    "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096},
+    "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096,
+             "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 128,
+             "pretrain.batch_size": 16, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
+             "pretrain.eval_every": 100, "pretrain.checkpoint_every": 250},
     # CPU, about half an hour end to end.
-    "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192},
+    "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
+              "model.depth": 6, "model.n_embd": 256, "model.n_head": 4, "model.block_size": 256,
+              "pretrain.batch_size": 16, "pretrain.max_steps": 2500, "pretrain.lr": 2e-3,
+              "pretrain.eval_every": 250, "pretrain.checkpoint_every": 500},
     # GPU presets: a bigger corpus and a GPT-2-sized vocabulary.
-    "gpt2-124m": {"supportworld.corpus_mb": 60.0, "tokenizer.vocab_size": 32768},
-    "d20": {"supportworld.corpus_mb": 120.0, "tokenizer.vocab_size": 65536},
+    "gpt2-124m": {"supportworld.corpus_mb": 60.0, "tokenizer.vocab_size": 32768,
+                  "model.depth": 12, "model.block_size": 1024, "pretrain.batch_size": 32,
+                  "pretrain.tokens_per_step": 524288, "pretrain.max_steps": 5000, "pretrain.lr": 6e-4,
+                  "pretrain.warmup_steps": 200, "pretrain.eval_every": 250, "pretrain.checkpoint_every": 1000},
+    "d20": {"supportworld.corpus_mb": 120.0, "tokenizer.vocab_size": 65536,
+            "model.depth": 20, "model.block_size": 2048, "pretrain.batch_size": 32,
+            "pretrain.tokens_per_step": 524288, "pretrain.max_steps": 8000, "pretrain.lr": 6e-4,
+            "pretrain.schedule": "wsd", "pretrain.warmup_steps": 200, "pretrain.eval_every": 500,
+            "pretrain.checkpoint_every": 1000},
 }
 
 # Values allowed for string fields with a fixed set of choices.
@@ -134,6 +197,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS),
     "clean.unicode_form": ("NFC", "NFKC", "none"),
     "tokenizer.kind": ("bpe", "byte", "char"),
+    "pretrain.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "pretrain.schedule": ("cosine", "wsd", "constant"),
 }
 
 
@@ -310,6 +375,29 @@ def validate(cfg: RunConfig) -> None:
     s = cfg.shard
     _check(0 < s.val_fraction < 0.5, "shard.val_fraction", f"{s.val_fraction} must be in (0, 0.5)")
     _check(s.shard_tokens >= 1024, "shard.shard_tokens", "must be >= 1024")
+    m = cfg.model
+    for f in ("depth", "block_size"):
+        _check(getattr(m, f) >= 1, f"model.{f}", "must be >= 1")
+    for f in ("n_embd", "n_head", "n_kv_head"):
+        _check(getattr(m, f) >= 0, f"model.{f}", "must be >= 0 (0 = derived)")
+    validate_train(cfg.pretrain, "pretrain")
+
+
+def validate_train(t: TrainConfig, section: str) -> None:
+    """Checks shared by every ``TrainConfig`` section (``pretrain``, ``sft``, ...)."""
+    _check(t.device == "auto" or t.device in ("cpu", "cuda", "mps") or t.device.startswith("cuda:"),
+           f"{section}.device", f"{t.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N, mps")
+    for f in ("batch_size", "max_steps"):
+        _check(getattr(t, f) >= 1, f"{section}.{f}", "must be >= 1")
+    for f in ("tokens_per_step", "warmup_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens",
+              "checkpoint_every", "log_every"):
+        _check(getattr(t, f) >= 0, f"{section}.{f}", "must be >= 0")
+    _check(t.keep_last >= 1, f"{section}.keep_last", "must be >= 1")
+    _check(t.lr > 0, f"{section}.lr", "must be > 0")
+    _check(0 <= t.min_lr_frac <= 1, f"{section}.min_lr_frac", "must be in [0, 1]")
+    _check(0 < t.decay_frac <= 1, f"{section}.decay_frac", "must be in (0, 1]")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"{section}.beta1", "beta1 and beta2 must be in [0, 1)")
+    _check(t.weight_decay >= 0 and t.grad_clip >= 0, f"{section}.weight_decay", "weight_decay and grad_clip must be >= 0")
 
 
 # --------------------------------------------------------------------------- helpers

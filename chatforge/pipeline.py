@@ -58,11 +58,16 @@ class RunPaths:
         return self.data / "shards.json"
 
     def train_shards(self) -> list[Path]:
-        return sorted(self.data.glob("train_*.bin"))
+        # numeric order: train_1000.bin comes after train_999.bin
+        return sorted(self.data.glob("train_*.bin"), key=lambda p: (len(p.stem), p.stem))
 
     @property
     def val_shard(self) -> Path:
         return self.data / "val.bin"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
 
 
 def paths(cfg: RunConfig) -> RunPaths:
@@ -156,9 +161,25 @@ def data_stages() -> list[Stage]:
     ]
 
 
+def _pretrain(cfg: RunConfig) -> dict[str, Any]:
+    from chatforge.train.pretrain import pretrain
+
+    return pretrain(cfg)
+
+
+def model_stages() -> list[Stage]:
+    """Training: pre-training on the shards (fine-tuning and alignment stages follow it)."""
+    return [
+        Stage("pretrain", ("model", "pretrain"),
+              lambda c: [*paths(c).train_shards(), paths(c).val_shard, paths(c).tokenizer],
+              lambda c: [paths(c).pretrain / "model", paths(c).pretrain / "eval.json"],
+              _pretrain, "pre-train the GPT on next-token prediction"),
+    ]
+
+
 def all_stages() -> list[Stage]:
     """Every stage the pipeline knows, in order."""
-    return data_stages()
+    return data_stages() + model_stages()
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: list[str] = (), **hooks: Any

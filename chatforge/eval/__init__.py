@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity and bits per byte (more metrics arrive with later stages)."""

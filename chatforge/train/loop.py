@@ -1,0 +1,308 @@
+"""The one training loop. Every stage (pre-training, SFT, task heads, reward model,
+DPO) hands it a ``TrainTask``: a model, an endless iterator of micro-batches and a
+loss. The loop owns everything else, once: AdamW with decay only on matmul
+weights, the LR schedule, gradient accumulation up to ``tokens_per_step``,
+clipping, mixed precision, DDP, held-out evaluation and samples, non-finite loss
+detection, metrics, a progress bar, and checkpoints that resume exactly.
+
+Exact resume: a checkpoint holds the weights, optimizer and loss-scaler state,
+every RNG state and the batch iterator's position. Restoring them all makes the
+steps after a resume the same computation as in an uninterrupted run, so (on the
+same hardware and thread count) the loss curve continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from chatforge.config import TrainConfig
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.model.flops import peak_flops
+from chatforge.model.gpt import make_adamw
+from chatforge.train.checkpoint import (
+    TRAINER_STATE,
+    check_same_model,
+    checkpoint_path,
+    latest_checkpoint,
+    load_model_weights,
+    prune_checkpoints,
+    read_model_config,
+    save_model,
+)
+from chatforge.train.dist import DistInfo, all_reduce_mean
+from chatforge.train.metrics_log import MetricsLog
+from chatforge.train.precision import Precision
+from chatforge.train.schedule import lr_multiplier
+
+
+class NonFiniteLossError(ChatforgeError):
+    """The loss or the gradient became NaN/inf: the run stops rather than continue silently."""
+
+
+@dataclass
+class TrainTask:
+    """What a stage gives the loop."""
+
+    name: str  # the stage, e.g. "pretrain"; recorded in checkpoints
+    model: nn.Module  # on its device, not wrapped in DDP
+    tokenizer: Any  # saved into every checkpoint
+    batches: Any  # endless iterator of micro-batches with state_dict()/load_state_dict()
+    loss: Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> scalar mean loss; model may be DDP
+    tokens_per_micro_batch: int  # tokens one micro-batch trains on, per process (for accumulation and tok/s)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # held-out metrics, e.g. val_loss
+    sample: Callable[[nn.Module], list[str]] | None = None  # generations shown at eval time
+    flops_per_token: float | None = None  # training FLOPs per token, for MFU
+    meta: dict[str, Any] = field(default_factory=dict)  # extra fields for checkpoints' config.json
+    # the GPT inside ``model`` whose config a resume must match (None: ``model`` itself)
+    backbone: nn.Module | None = None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    wall_time_s: float
+    last_train_loss: float
+    eval: dict[str, float]
+    checkpoint: Path | None
+    samples: list[str]
+
+
+def grad_accum_steps(cfg: TrainConfig, tokens_per_micro_batch: int, world_size: int, section: str) -> int:
+    """Micro-batches per optimizer step on each process to reach ``tokens_per_step``."""
+    per_round = tokens_per_micro_batch * world_size
+    if cfg.tokens_per_step == 0:
+        return 1
+    if cfg.tokens_per_step % per_round:
+        raise ConfigError(
+            f"{section}.tokens_per_step: {cfg.tokens_per_step} is not a multiple of batch_size x block_size x "
+            f"processes = {per_round}; use e.g. {max(1, round(cfg.tokens_per_step / per_round)) * per_round}"
+        )
+    return cfg.tokens_per_step // per_round
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    task: TrainTask,
+    cfg: TrainConfig,
+    out_dir: Path,
+    precision: Precision,
+    dist: DistInfo | None = None,
+    resume: bool = False,
+    section: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``task.model`` for ``cfg.max_steps`` optimizer steps; checkpoints go to ``out_dir/ckpt``.
+
+    ``resume``: continue from the newest checkpoint in ``out_dir/ckpt`` (an error if
+    there is none). Without it, earlier checkpoints and metrics there are replaced.
+    """
+    dist = dist or DistInfo()
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "ckpt"
+    raw_model = task.model
+    backbone = task.backbone or raw_model
+    accum = grad_accum_steps(cfg, task.tokens_per_micro_batch, dist.world_size, section)
+    tokens_per_step = task.tokens_per_micro_batch * accum * dist.world_size
+
+    optimizer = make_adamw(raw_model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), precision.device.type)
+    scaler = precision.grad_scaler()
+    step, tokens_seen = 0, 0
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard, cfg.wandb_project, task.name,
+                     {"train": vars(cfg)}) if dist.is_main else None
+    last_ckpt: Path | None = None
+
+    if resume:
+        last_ckpt = latest_checkpoint(ckpt_root)
+        if last_ckpt is None:
+            raise ChatforgeError(f"--resume: no checkpoint in {ckpt_root} to resume from; run without --resume")
+        saved = read_model_config(last_ckpt)
+        check_same_model(saved["model"], backbone.config, last_ckpt)
+        load_model_weights(raw_model, last_ckpt)
+        state = torch.load(last_ckpt / TRAINER_STATE, map_location=precision.device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        # One entry per rank of the run that saved; a resume with another world size reuses rank 0's
+        # (the TokenLoader's position is global, so it continues the same sample stream).
+        mine = dist.rank if dist.rank < len(state["batches"]) else 0
+        task.batches.load_state_dict(state["batches"][mine])
+        _set_rng_state(state["rng"][mine])
+        step, tokens_seen = state["step"], state["tokens"]
+        if log:
+            log.truncate_after(step)
+    else:
+        seed_everything(cfg.seed + dist.rank)
+        if dist.is_main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            if log:
+                log.reset()
+
+    model: nn.Module = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [precision.device.index] if precision.device.type == "cuda" else None
+        model = DDP(model, device_ids=ids)
+
+    peak = peak_flops(precision.device)
+    start_time = time.perf_counter()
+    result_eval: dict[str, float] = {}
+    samples: list[str] = []
+    last_loss = float("nan")
+
+    def run_eval(at_step: int) -> None:
+        nonlocal result_eval, samples
+        if task.evaluate is not None:
+            raw_model.eval()
+            with torch.no_grad(), precision.autocast():
+                result_eval = task.evaluate(raw_model)
+            raw_model.train()
+            if log:
+                log.log({"kind": "eval", "step": at_step, **result_eval})
+                bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result_eval.items()))
+        if task.sample is not None and dist.is_main:
+            raw_model.eval()
+            with torch.no_grad(), precision.autocast():
+                samples = task.sample(raw_model)
+            raw_model.train()
+            if log:
+                log.log({"kind": "sample", "step": at_step, "samples": samples})
+                for s in samples:
+                    bar.write(f"  sample: {s!r}")
+
+    def save(at_step: int) -> Path:
+        state = {
+            "step": at_step, "tokens": tokens_seen, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "batches": _gather(task.batches.state_dict(), dist), "rng": _gather(_rng_state(), dist),
+            "train_config": vars(cfg),
+        }
+        path = checkpoint_path(ckpt_root, at_step)
+        if dist.is_main:
+            save_model(path, raw_model, task.tokenizer,
+                       {"stage": task.name, "step": at_step, "tokens": tokens_seen, **task.meta},
+                       extra_files={TRAINER_STATE: state})
+            prune_checkpoints(ckpt_root, cfg.keep_last)
+        return path
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dist.is_main), desc=task.name,
+               dynamic_ncols=True, mininterval=1.0)
+    raw_model.train()
+    if step == 0 and (cfg.eval_every or cfg.sample_every):
+        run_eval(0)
+    tok_s_ema = 0.0
+    try:
+        while step < cfg.max_steps:
+            lr = cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_frac,
+                                        cfg.decay_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=precision.device)
+            for micro in range(accum):
+                batch = next(task.batches)
+                sync = not dist.enabled or micro == accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with precision.autocast():
+                        loss = task.loss(model, batch)
+                    loss_sum += loss.detach().float()
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
+            step_loss = float(all_reduce_mean(loss_sum / accum, dist))
+            if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
+                what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"{task.name}: {what} at step {step + 1} is not finite; stopped without updating the weights "
+                    f"or writing a checkpoint ({where}). Lower {section}.lr, raise {section}.warmup_steps or "
+                    f"use {section}.dtype=fp32, then resume with --resume"
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            last_loss = step_loss
+            dt = time.perf_counter() - t0
+            tok_s = tokens_per_step / max(dt, 1e-9)
+            tok_s_ema = tok_s if tok_s_ema == 0 else 0.9 * tok_s_ema + 0.1 * tok_s
+            mfu = None
+            if peak and task.flops_per_token:
+                mfu = task.flops_per_token * tok_s / (peak * dist.world_size)
+            postfix = {"loss": f"{step_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s_ema:,.0f}"}
+            if mfu is not None:
+                postfix["mfu"] = f"{100 * mfu:.1f}%"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if log and (step == 1 or cfg.log_every and step % cfg.log_every == 0 or step == cfg.max_steps):
+                rec = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens": tokens_seen, "tok_per_s": tok_s, "time_s": time.perf_counter() - start_time}
+                if mfu is not None:
+                    rec["mfu"] = mfu
+                log.log(rec)
+            final = step == cfg.max_steps
+            if final or (cfg.eval_every and step % cfg.eval_every == 0) or \
+                    (cfg.sample_every and step % cfg.sample_every == 0):
+                run_eval(step)
+            if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                last_ckpt = save(step)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return TrainResult(step=step, tokens=tokens_seen, wall_time_s=time.perf_counter() - start_time,
+                       last_train_loss=last_loss, eval=result_eval, checkpoint=last_ckpt, samples=samples)
+
+
+def _gather(obj: Any, dist: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (loader positions and RNG states differ per rank), on every rank."""
+    if not dist.enabled:
+        return [obj]
+    import torch.distributed as torch_dist
+
+    out: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
