@@ -372,6 +372,7 @@ def validate(cfg: RunConfig) -> None:
         _check(300 <= t.vocab_size <= 4_294_967_295, "tokenizer.vocab_size",
                f"{t.vocab_size} must be at least 300 for bpe (256 bytes + special tokens + merges)")
     _check(t.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
+    _check(t.max_train_mb >= 0, "tokenizer.max_train_mb", "must be >= 0 (0 = no cap)")
     s = cfg.shard
     _check(0 < s.val_fraction < 0.5, "shard.val_fraction", f"{s.val_fraction} must be in (0, 0.5)")
     _check(s.shard_tokens >= 1024, "shard.shard_tokens", "must be >= 1024")
