@@ -232,7 +232,7 @@ def train(
             lr = cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_frac,
                                         cfg.decay_frac)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. a lower LR for a fine-tuned backbone
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=precision.device)
             for micro in range(accum):

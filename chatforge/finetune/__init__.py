@@ -1,0 +1,1 @@
+"""Fine-tuning helpers: LoRA adapters, layer freezing and trainable-parameter accounting."""
