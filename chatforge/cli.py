@@ -5,7 +5,9 @@
     chatforge tokenizer train [-c CONFIG] [--set k=v ...]
     chatforge tokenizer encode TOKENIZER_DIR TEXT
     chatforge pretrain [-c CONFIG] [--set k=v ...] [--resume]     (also under torchrun)
+    chatforge finetune sft|sentiment|intent|translate [--train F --val F --test F] [--set k=v ...] [--resume]
     chatforge sample [MODEL_DIR] [--prompt TEXT ...] [sampling flags]
+    chatforge chat [MODEL_DIR] [--system TEXT] [sampling flags]
     chatforge eval perplexity [MODEL_DIR] [--text SOURCE | --shards FILE ...]
     chatforge config show [CONFIG] [--set k=v ...]
 """
@@ -82,6 +84,9 @@ def _run(cfg: RunConfig, only: list[str] | None, force: list[str]) -> None:
         table.add_row(r.name, r.status, f"{r.wall_time_s:.1f}", _fmt_metrics(r.metrics, limit=6))
     console.print(table)
     _print_pretrain_report(cfg)
+    from chatforge.pipeline import FINETUNE_STAGES
+
+    _print_finetune_report(cfg, list(FINETUNE_STAGES))
     _print_outputs(cfg)
 
 
@@ -115,6 +120,12 @@ def _print_outputs(cfg: RunConfig) -> None:
         ("pre-trained model", p.pretrain / "model"),
         ("pretrain metrics", p.pretrain / "metrics.jsonl"),
         ("pretrain report", p.pretrain / "eval.json"),
+        ("chat model (SFT)", p.root / "finetune" / "sft" / "model"),
+        ("SFT answers", p.root / "finetune" / "sft" / "answers.jsonl"),
+        ("sentiment model", p.root / "finetune" / "sentiment" / "model"),
+        ("intent model", p.root / "finetune" / "intent" / "model"),
+        ("translation model", p.root / "finetune" / "translate" / "model"),
+        ("fine-tune reports", p.root / "finetune"),
         ("manifest", p.root / "manifest.json"),
     ]
     console.print("\n[bold]Outputs[/bold]")
@@ -159,12 +170,74 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         _print_outputs(cfg)
 
 
-def _default_model(args: argparse.Namespace) -> Path:
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import time
+
+    from chatforge.pipeline import finetune_stages, run_finetune
+    from chatforge.run import RunDir
+
+    extra = [f"{args.stage}.{split}_data={json.dumps(v)}" for split, v in
+             (("train", args.train), ("val", args.val), ("test", args.test)) if v]
+    cfg = _config(args, extra)
+    t0 = time.perf_counter()
+    metrics = run_finetune(cfg, args.stage, resume=args.resume)
+    stage = next(s for s in finetune_stages() if s.name == args.stage)
+    RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
+    _print_finetune_report(cfg, [args.stage])
+
+
+def _print_finetune_report(cfg: RunConfig, sections: list[str]) -> None:
+    from chatforge.pipeline import paths
+
+    for section in sections:
+        path = paths(cfg).root / "finetune" / section / "eval.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        head = f"\n[bold]{section}[/bold] ({r['method']}, {r['trainable_params']:,} of {r['total_params']:,} params " \
+               f"trained, {r['wall_time_s']:.0f}s): "
+        if "test_accuracy" in r:
+            line = (f"test accuracy {r['test_accuracy']:.3f}, macro-F1 {r['test_macro_f1']:.3f} "
+                    f"(majority-class baseline {r['majority_baseline']:.3f})")
+        else:
+            parts = [f"held-out assistant-token loss {r['val_loss']:.3f}"]
+            if "test_bleu" in r:
+                parts.append(f"BLEU {r['test_bleu']:.1f} chrF {r['test_chrf']:.1f} on {r['generated']} test prompts")
+            if "test_status_correct" in r:
+                parts.append(f"order status stated correctly in {100 * r['test_status_correct']:.0f}% "
+                             f"of {r['status_checked']} answers")
+            line = ", ".join(parts)
+        console.print(head + escape(line))
+        if "bleu_signature" in r:
+            console.print(f"  sacrebleu: {r['bleu_signature']}", markup=False)
+        console.print(f"  forgetting: held-out pre-training perplexity {r['pretrain_val_ppl_before']:.2f} -> "
+                      f"{r['pretrain_val_ppl_after']:.2f} ({r['forgetting_ppl_change_pct']:+.1f}%)", markup=False)
+
+
+def _default_model(args: argparse.Namespace, stage: str = "pretrain") -> Path:
     if args.model:
         return Path(args.model)
     from chatforge.pipeline import paths
 
-    return paths(load_config(None, preset=None)).pretrain / "model"
+    root = paths(load_config(None, preset=None))
+    return root.pretrain / "model" if stage == "pretrain" else root.root / "finetune" / stage / "model"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from chatforge.chat.repl import Sampling, chat_loop
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    model_dir = _default_model(args, "sft")
+    model, tok, meta = load_model(model_dir, device)
+    if meta.get("task") != "chat":
+        err_console.print(f"note: {model_dir} was not fine-tuned for chat (stage {meta.get('stage')!r}); "
+                          "its replies may not follow the chat format", markup=False)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed)
+    chat_loop(model, tok, sampling, system=args.system or "", device=device)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -273,6 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pre)
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
     pre.set_defaults(func=cmd_pretrain)
+
+    ft = sub.add_parser("finetune", help="fine-tune the pre-trained model for chat or a task")
+    ft.add_argument("stage", choices=["sft", "sentiment", "intent", "translate"],
+                    help="sft: chat; sentiment/intent: classify {text,label}; translate: prompt -> completion")
+    ft.add_argument("--train", help="training data (.jsonl/.parquet/hf:NAME; default: the SupportWorld set)")
+    ft.add_argument("--val", help="validation data")
+    ft.add_argument("--test", help="test data")
+    _add_config_args(ft)
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+    ft.set_defaults(func=cmd_finetune)
+
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
+    ch.add_argument("model", nargs="?", help="model directory (default: runs/default/finetune/sft/model)")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=200)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-k", type=int, default=50, help="0 = off")
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
 
     smp = sub.add_parser("sample", help="continue prompts with a trained model")
     smp.add_argument("model", nargs="?", help="model or checkpoint directory (default: runs/default/pretrain/model)")

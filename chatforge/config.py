@@ -149,6 +149,57 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning from the pre-trained model: the training knobs plus data, adapters and forgetting."""
+
+    train_data: str = ""  # .jsonl/.parquet/hf:NAME; "" = the SupportWorld set for this stage
+    val_data: str = ""
+    test_data: str = ""
+    max_len: int = 0  # tokens per example; 0 = the model's context. Longer examples are truncated and counted
+    freeze: str = "none"  # none | embeddings | blocks:N | backbone
+    lora_r: int = 0  # LoRA rank; 0 = no LoRA (full fine-tuning, or what freeze leaves trainable)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["c_q", "c_k", "c_v", "c_proj"])
+    backbone_lr_scale: float = 1.0  # LR of the pre-trained weights relative to new ones (< 1 limits forgetting)
+    replay: float = 0.0  # weight of pre-training next-token loss mixed into every step (limits forgetting)
+    forgetting_batches: int = 10  # held-out pre-training batches measured before and after
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    """Sequence classification with a head on the last (or mean) hidden state."""
+
+    text_field: str = "text"
+    label_field: str = "label"
+    pooling: str = "last"  # last | mean
+
+
+@dataclass
+class ChatTuneConfig(FinetuneConfig):
+    """Chat SFT and prompt -> completion tasks: next-token loss on the assistant's tokens only."""
+
+    pack: bool = True  # pack short conversations into full blocks (attention stays inside each)
+    eval_generate: int = 64  # held-out prompts answered by generation and scored (BLEU/chrF, task checks)
+    max_new_tokens: int = 96
+
+
+def _sft_defaults() -> ChatTuneConfig:
+    return ChatTuneConfig(batch_size=8, max_steps=400, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=20,
+                          checkpoint_every=400, min_lr_frac=0.0, replay=0.0)
+
+
+def _translate_defaults() -> ChatTuneConfig:
+    return ChatTuneConfig(batch_size=8, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=20,
+                          checkpoint_every=300, min_lr_frac=0.0, max_new_tokens=48)
+
+
+def _classify_defaults() -> ClassifyConfig:
+    return ClassifyConfig(batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=0,
+                          checkpoint_every=300, max_len=96, weight_decay=0.0, min_lr_frac=0.0)
+
+
+@dataclass
 class RunConfig:
     """Everything one run of the pipeline needs."""
 
@@ -162,6 +213,10 @@ class RunConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: ChatTuneConfig = field(default_factory=_sft_defaults)  # SupportWorld support conversations
+    translate: ChatTuneConfig = field(default_factory=_translate_defaults)  # SupportWorld EN -> ES
+    sentiment: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld reviews
+    intent: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld support conversations
 
     @property
     def run_dir(self) -> Path:
@@ -199,6 +254,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer.kind": ("bpe", "byte", "char"),
     "pretrain.dtype": ("auto", "fp32", "bf16", "fp16"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
+    **{f"{sec}.{k}": v for sec in ("sft", "translate", "sentiment", "intent") for k, v in (
+        ("dtype", ("auto", "fp32", "bf16", "fp16")), ("schedule", ("cosine", "wsd", "constant")))},
+    **{f"{sec}.pooling": ("last", "mean") for sec in ("sentiment", "intent")},
 }
 
 
@@ -382,6 +440,26 @@ def validate(cfg: RunConfig) -> None:
     for f in ("n_embd", "n_head", "n_kv_head"):
         _check(getattr(m, f) >= 0, f"model.{f}", "must be >= 0 (0 = derived)")
     validate_train(cfg.pretrain, "pretrain")
+    for sec in ("sft", "translate", "sentiment", "intent"):
+        validate_finetune(getattr(cfg, sec), sec)
+    for sec in ("sft", "translate"):
+        _check(getattr(cfg, sec).eval_generate >= 0, f"{sec}.eval_generate", "must be >= 0")
+        _check(getattr(cfg, sec).max_new_tokens >= 1, f"{sec}.max_new_tokens", "must be >= 1")
+
+
+def validate_finetune(f: FinetuneConfig, section: str) -> None:
+    validate_train(f, section)
+    _check(f.max_len >= 0, f"{section}.max_len", "must be >= 0 (0 = the model's context)")
+    _check(f.freeze in ("none", "embeddings", "backbone") or f.freeze.startswith("blocks:"), f"{section}.freeze",
+           f"{f.freeze!r} is not allowed; allowed: none, embeddings, blocks:N, backbone")
+    _check(f.lora_r >= 0, f"{section}.lora_r", "must be >= 0 (0 = no LoRA)")
+    _check(f.lora_alpha > 0, f"{section}.lora_alpha", "must be > 0")
+    _check(0 <= f.lora_dropout < 1, f"{section}.lora_dropout", "must be in [0, 1)")
+    _check(f.lora_r == 0 or f.freeze == "none", f"{section}.freeze",
+           "LoRA already freezes the pre-trained weights; use freeze=none with lora_r > 0")
+    _check(0 < f.backbone_lr_scale <= 1, f"{section}.backbone_lr_scale", "must be in (0, 1]")
+    _check(0 <= f.replay < 1, f"{section}.replay", "must be in [0, 1)")
+    _check(f.forgetting_batches >= 1, f"{section}.forgetting_batches", "must be >= 1")
 
 
 def validate_train(t: TrainConfig, section: str) -> None:

@@ -177,9 +177,48 @@ def model_stages() -> list[Stage]:
     ]
 
 
+# Fine-tuning stages: section name -> (runner module, what it does).
+FINETUNE_STAGES = {
+    "sft": ("chat", "chat SFT on support conversations (assistant-only loss)"),
+    "sentiment": ("classify", "sentiment classifier on reviews"),
+    "intent": ("classify", "intent classifier on support conversations"),
+    "translate": ("chat", "English -> Spanish translation (prompt -> completion)"),
+}
+
+
+def run_finetune(cfg: RunConfig, section: str, resume: bool = False) -> dict[str, Any]:
+    kind = FINETUNE_STAGES[section][0]
+    if kind == "classify":
+        from chatforge.finetune.classify import finetune_classifier
+
+        return finetune_classifier(cfg, section, resume=resume)
+    from chatforge.finetune.sft import finetune_chat
+
+    return finetune_chat(cfg, section, resume=resume)
+
+
+def _finetune_inputs(cfg: RunConfig, section: str) -> list[Path]:
+    from chatforge.finetune.classify import data_sources as classify_sources
+    from chatforge.finetune.sft import data_sources as chat_sources
+
+    sources = (classify_sources if FINETUNE_STAGES[section][0] == "classify" else chat_sources)(cfg, section)
+    p = paths(cfg)
+    return [p.pretrain / "model", p.val_shard, *(Path(s) for s in sources.values() if not s.startswith("hf:"))]
+
+
+def finetune_stages() -> list[Stage]:
+    def stage(section: str) -> Stage:
+        return Stage(section, (section,), lambda c: _finetune_inputs(c, section),
+                     lambda c: [paths(c).root / "finetune" / section / "model",
+                                paths(c).root / "finetune" / section / "eval.json"],
+                     lambda c: run_finetune(c, section), FINETUNE_STAGES[section][1])
+
+    return [stage(s) for s in FINETUNE_STAGES]
+
+
 def all_stages() -> list[Stage]:
     """Every stage the pipeline knows, in order."""
-    return data_stages() + model_stages()
+    return data_stages() + model_stages() + finetune_stages()
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: list[str] = (), **hooks: Any

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_run
 
 from chatforge.config import TrainConfig, load_config
-from chatforge.data.shard import shard_corpus
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.io import write_jsonl
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train import NonFiniteLossError, TrainTask, latest_checkpoint, load_model, save_model, train
@@ -208,22 +207,7 @@ def test_save_model_is_atomic(tmp_path):
 
 
 def _make_run(runs: Path, name: str) -> None:
-    """A run directory with clean text, a byte tokenizer and shards (what the data path leaves)."""
-    run = runs / name
-    text = ("order shipping refund parcel return warranty account delivery the a your we is was will "
-            "today tomorrow please thanks help")
-    words = text.split()
-    g = torch.Generator().manual_seed(0)
-    docs = []
-    for i in range(300):
-        idx = torch.randint(0, len(words), (40,), generator=g).tolist()
-        docs.append({"id": f"d{i}", "text": " ".join(words[j] for j in idx) + ".", "source": "test"})
-    write_jsonl(run / "data" / "clean.jsonl", docs)
-    tok = ByteTokenizer()
-    tok.save(run / "tokenizer")
-    from chatforge.config import ShardConfig
-
-    shard_corpus(run / "data" / "clean.jsonl", tok, run / "data", ShardConfig(val_fraction=0.1))
+    make_run(runs, name)
 
 
 SETS = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "pretrain.batch_size=4",

@@ -68,6 +68,8 @@ class TrainTask:
     meta: dict[str, Any] = field(default_factory=dict)  # extra fields for checkpoints' config.json
     # the GPT inside ``model`` whose config a resume must match (None: ``model`` itself)
     backbone: nn.Module | None = None
+    # AdamW groups (e.g. with an "lr_scale" per group); None: ``make_adamw``'s decay / no-decay split
+    param_groups: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -138,7 +140,10 @@ def train(
     accum = grad_accum_steps(cfg, task.tokens_per_micro_batch, dist.world_size, section)
     tokens_per_step = task.tokens_per_micro_batch * accum * dist.world_size
 
-    optimizer = make_adamw(raw_model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), precision.device.type)
+    if task.param_groups is not None:
+        optimizer = torch.optim.AdamW(task.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    else:
+        optimizer = make_adamw(raw_model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), precision.device.type)
     scaler = precision.grad_scaler()
     step, tokens_seen = 0, 0
     log = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard, cfg.wandb_project, task.name,

@@ -1,0 +1,213 @@
+"""Chat SFT and prompt -> completion tasks (translation): next-token loss on assistant tokens only.
+
+Both read ``messages`` datasets (or TRL prompt/completion records) through the chat
+template, pack conversations into full blocks with attention kept inside each
+(``doc_ids``), and learn only the assistant's tokens and its closing ``<|end|>``,
+so the model learns to end its turn. Evaluation: loss on held-out assistant
+tokens during training; at the end, held-out prompts are answered by greedy
+generation (the same template and stop tokens as ``chatforge chat``) and scored
+by BLEU/chrF against the references and, where the data carries an order record,
+by whether the answer states the record's order status.
+
+Writes under ``runs/<run>/finetune/<stage>/``: ``ckpt/``, ``model/`` (LoRA merged),
+``eval.json`` and ``answers.jsonl`` (prompt, reference, generated answer, checks).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chatforge.chat.batching import ChatBatches, chat_loss, eval_batches
+from chatforge.chat.data import iter_conversations, load_chat_examples
+from chatforge.chat.template import parse_assistant, prompt_messages, render_prompt, stop_token_ids
+from chatforge.config import ChatTuneConfig, RunConfig
+from chatforge.data.records import iter_records
+from chatforge.errors import ChatforgeError
+from chatforge.eval.metrics import bleu_chrf
+from chatforge.finetune.common import PretrainData, adapt, forgetting, load_base, scaled_param_groups
+from chatforge.finetune.peft import merge_lora
+from chatforge.io import write_json, write_jsonl
+from chatforge.model.generate import generate
+from chatforge.model.gpt import GPT
+from chatforge.train.checkpoint import save_model
+from chatforge.train.loop import TrainTask, seed_everything, train
+from chatforge.train.precision import resolve_device, resolve_precision
+
+SUPPORTWORLD_SETS = {"sft": "conversations", "translate": "translation"}
+GEN_BATCH = 16
+
+
+def stage_dir(cfg: RunConfig, section: str) -> Path:
+    from chatforge.pipeline import paths
+
+    return paths(cfg).root / "finetune" / section
+
+
+def data_sources(cfg: RunConfig, section: str) -> dict[str, str]:
+    from chatforge.pipeline import paths
+
+    f: ChatTuneConfig = getattr(cfg, section)
+    default = paths(cfg).supportworld / SUPPORTWORLD_SETS.get(section, section)
+    return {split: getattr(f, f"{split}_data") or str(default / f"{split}.jsonl") for split in ("train", "val", "test")}
+
+
+class _WithReplay:
+    """Chat batches, plus a pre-training block per batch when replay is on."""
+
+    def __init__(self, chats: ChatBatches, replay: Any, device: torch.device):
+        self.chats, self.replay, self.device = chats, replay, device
+
+    def __next__(self) -> dict[str, Any]:
+        batch = {k: v.to(self.device) for k, v in next(self.chats).items()}
+        if self.replay is not None:
+            x, y = next(self.replay)
+            batch["lm"] = (x.to(self.device), y.to(self.device))
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chats": self.chats.state_dict(), "replay": self.replay.state_dict() if self.replay else None}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.chats.load_state_dict(s["chats"])
+        if self.replay is not None and s.get("replay"):
+            self.replay.load_state_dict(s["replay"])
+
+
+def status_stated(record: Any, answer: str) -> bool | None:
+    """Whether ``answer`` states the order status of ``record`` (None: no status to check)."""
+    if not isinstance(record, dict):
+        return None
+    status = record.get("status")
+    if not isinstance(status, str) or not status:
+        return None
+    return status.replace("_", " ").lower() in answer.lower()
+
+
+def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dict[str, Any]]]],
+                   max_new_tokens: int, device: torch.device) -> list[str | None]:
+    """Greedy answers to the conversations' last prompts (None where the prompt does not fit the context)."""
+    stops = stop_token_ids(tok)
+    prompts = [render_prompt(msgs, tok, where) for where, msgs in conversations]
+    limit = model.config.block_size - max_new_tokens
+    answers: list[str | None] = [None] * len(prompts)
+    fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    for k in range(0, len(fits), GEN_BATCH):
+        chunk = fits[k:k + GEN_BATCH]
+        outs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=0.0, stop_tokens=stops,
+                        device=device)
+        for i, ids in zip(chunk, outs):
+            answers[i] = parse_assistant(ids, tok)
+    return answers
+
+
+def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_tokens: int, device: torch.device
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer the first ``n`` held-out prompts of ``source``; BLEU/chrF and order-status checks."""
+    convs, records = [], []
+    for (where, msgs), (_, rec) in zip(iter_conversations(source), iter_records(source)):
+        if msgs and msgs[-1].get("role") == "assistant" and prompt_messages(msgs):
+            convs.append((where, msgs))
+            records.append(rec)
+        if len(convs) == n:
+            break
+    was_training = model.training
+    model.eval()
+    answers = answer_prompts(model, tok, convs, max_new_tokens, device)
+    model.train(was_training)
+    rows, hyps, refs, checks = [], [], [], []
+    for (where, msgs), rec, ans in zip(convs, records, answers):
+        ref = msgs[-1]["content"]
+        row = {"where": where, "prompt": prompt_messages(msgs), "reference": ref, "answer": ans}
+        if ans is not None:
+            hyps.append(ans)
+            refs.append(ref)
+            ok = status_stated(rec.get("record"), ans) if isinstance(rec, dict) else None
+            if ok is not None and rec.get("intent") in (None, "order_status"):
+                row["status_stated"] = ok
+                checks.append(ok)
+        rows.append(row)
+    metrics: dict[str, Any] = {"generated": len(hyps), "skipped_too_long": sum(a is None for a in answers)}
+    if hyps:
+        metrics.update(bleu_chrf(hyps, refs))
+    if checks:
+        metrics["status_correct"] = sum(checks) / len(checks)
+        metrics["status_checked"] = len(checks)
+    return metrics, rows
+
+
+def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Chat SFT (``sft``) or a prompt -> completion task (``translate``) from the pre-trained model."""
+    f: ChatTuneConfig = getattr(cfg, section)
+    out = stage_dir(cfg, section)
+    device = resolve_device(f.device)
+    precision = resolve_precision(f.dtype, device)
+    seed_everything(f.seed)
+    model, tok = load_base(cfg, device)
+    block = model.config.block_size
+    max_tokens = min(f.max_len or block + 1, block + 1)
+
+    sources = data_sources(cfg, section)
+    train_ex, train_stats = load_chat_examples(sources["train"], tok, max_tokens)
+    val_ex, val_stats = load_chat_examples(sources["val"], tok, max_tokens)
+    if not train_ex:
+        raise ChatforgeError(f"{sources['train']}: no usable conversations ({train_stats.summary()})")
+    for name, stats in (("train", train_stats), ("val", val_stats)):
+        print(f"{section} {name}: {stats.summary()}")
+        for w in stats.warnings[:3]:
+            print(f"  warning: {w}")
+
+    params = adapt(model, f, section, keep_trainable=("lm_head",) if f.lora_r else ())
+    pre = PretrainData.of(cfg)
+    before = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
+    replay = pre.replay_loader(block, f.batch_size, f.seed) if f.replay > 0 else None
+    chats = ChatBatches(train_ex, block, f.batch_size, seed=f.seed, pack=f.pack, pad_id=tok.pad_id)
+
+    def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        value = chat_loss(m, batch)
+        if "lm" in batch:
+            value = (1 - f.replay) * value + f.replay * m(*batch["lm"])[1]
+        return value
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        total, n = 0.0, 0
+        for b in eval_batches(val_ex, block, f.batch_size, pack=f.pack, pad_id=tok.pad_id,
+                              max_batches=f.eval_batches or None):
+            b = {k: v.to(device) for k, v in b.items()}
+            per_token = m(b["idx"], b["targets"], loss_mask=b["loss_mask"], doc_ids=b["doc_ids"],
+                          loss_reduction="none")[1]
+            total += float(per_token.sum())
+            n += int((b["loss_mask"] & (b["targets"] != -1)).sum())
+        loss_value = total / max(n, 1)
+        return {"val_loss": loss_value, "val_ppl": float(torch.tensor(loss_value).exp())}
+
+    task = TrainTask(
+        name=section, model=model, tokenizer=tok, batches=_WithReplay(chats, replay, device), loss=loss,
+        tokens_per_micro_batch=chats.tokens_per_batch, evaluate=evaluate,
+        meta={"task": "chat" if section == "sft" else "generate"},
+        param_groups=scaled_param_groups(model, f.weight_decay, model, f.backbone_lr_scale)
+        if f.backbone_lr_scale != 1.0 and f.lora_r == 0 else None,
+    )
+    t0 = time.perf_counter()
+    result = train(task, f, out, precision, resume=resume, section=section, progress=progress)
+    wall = time.perf_counter() - t0
+
+    merge_lora(model)
+    after = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
+    gen_metrics, rows = evaluate_generation(model, tok, sources["test"], f.eval_generate, f.max_new_tokens, device)
+    save_model(out / "model", model, tok, {"stage": section, "task": task.meta["task"], "step": result.step})
+    write_jsonl(out / "answers.jsonl", rows)
+    metrics = {
+        **{f"test_{k}" if k in ("bleu", "chrf", "status_correct") else k: v for k, v in gen_metrics.items()},
+        **result.eval, **forgetting(before, after),
+        "trainable_params": params["trainable"], "total_params": params["total"], "method": params["method"],
+        "steps": result.step, "wall_time_s": round(wall, 2), "packing_fill": round(chats.fill_ratio(), 3),
+        "train_examples": train_stats.examples, "truncated": train_stats.truncated + val_stats.truncated,
+        "data": sources,
+    }
+    write_json(out / "eval.json", metrics)
+    return metrics

@@ -1,0 +1,30 @@
+"""Shared test helpers: a tiny run directory as the data path leaves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chatforge.config import ShardConfig
+from chatforge.data.shard import shard_corpus
+from chatforge.io import write_jsonl
+from chatforge.tokenizer.byte import ByteTokenizer
+
+WORDS = ("order", "shipping", "refund", "parcel", "return", "warranty", "account", "delivery", "the", "a", "your",
+         "we", "is", "was", "will", "today", "tomorrow", "please", "thanks", "help")
+
+
+def make_run(runs: Path, name: str, n_docs: int = 300) -> Path:
+    """``runs/name`` with clean text, a byte tokenizer and train/val shards."""
+    run = runs / name
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for i in range(n_docs):
+        idx = torch.randint(0, len(WORDS), (40,), generator=g).tolist()
+        docs.append({"id": f"d{i}", "text": " ".join(WORDS[j] for j in idx) + ".", "source": "test"})
+    write_jsonl(run / "data" / "clean.jsonl", docs)
+    tok = ByteTokenizer()
+    tok.save(run / "tokenizer")
+    shard_corpus(run / "data" / "clean.jsonl", tok, run / "data", ShardConfig(val_fraction=0.1))
+    return run

@@ -1,0 +1,153 @@
+"""Fine-tuning stages on a tiny pre-trained model: classification, chat SFT, LoRA, freezing, forgetting."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_run
+
+from chatforge.chat.repl import Sampling, chat_loop
+from chatforge.config import load_config
+from chatforge.errors import ConfigError, DataError
+from chatforge.finetune.classify import finetune_classifier, load_classifier
+from chatforge.finetune.sft import finetune_chat, status_stated
+from chatforge.io import write_jsonl
+from chatforge.train.checkpoint import load_model
+from chatforge.train.pretrain import pretrain
+
+TINY = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
+        "pretrain.max_steps=20", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    make_run(runs, "r")
+    cfg = load_config(overrides=[*TINY, f"runs_dir={json.dumps(str(runs))}", "name=r"])
+    pretrain(cfg, progress=False)
+    return runs
+
+
+def write_sentiment(d, n=240):
+    rng = random.Random(0)
+    good, bad = ["great", "lovely", "perfect", "happy"], ["awful", "broken", "terrible", "sad"]
+    sets = {}
+    for split, m in (("train", n), ("val", 60), ("test", 60)):
+        rows = []
+        for i in range(m):
+            label = rng.choice(["positive", "negative"])
+            word = rng.choice(good if label == "positive" else bad)
+            rows.append({"id": f"{split}{i}", "text": f"the parcel was {word}, thanks", "label": label})
+        write_jsonl(d / f"{split}.jsonl", rows)
+        sets[split] = str(d / f"{split}.jsonl")
+    return sets
+
+
+def cfg_for(runs, *sets):
+    return load_config(overrides=[*TINY, f"runs_dir={json.dumps(str(runs))}", "name=r", *sets])
+
+
+def classify_sets(data, section="sentiment", **kw):
+    base = [f"{section}.train_data={json.dumps(data['train'])}", f"{section}.val_data={json.dumps(data['val'])}",
+            f"{section}.test_data={json.dumps(data['test'])}", f"{section}.max_steps=60", f"{section}.eval_every=0",
+            f"{section}.dtype=fp32", f"{section}.batch_size=16", f"{section}.lr=3e-3", f"{section}.checkpoint_every=0",
+            f"{section}.forgetting_batches=2"]
+    return base + [f"{section}.{k}={v}" for k, v in kw.items()]
+
+
+def test_classifier_learns_and_reports_everything(base_run, tmp_path):
+    data = write_sentiment(tmp_path)
+    metrics = finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+    assert metrics["test_accuracy"] > 0.9 > metrics["majority_baseline"]
+    assert metrics["labels"] == ["negative", "positive"] and len(metrics["confusion"]) == 2
+    assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
+    assert "forgetting_ppl_change_pct" in metrics
+    model, tok, labels = load_classifier(base_run / "r" / "finetune" / "sentiment" / "model")
+    ids = torch.tensor([[tok.bos_id, *tok.encode("the parcel was awful, thanks")]])
+    assert labels[int(model(ids).argmax())] == "negative"
+
+
+def test_lora_and_frozen_backbone_train_only_what_they_should(base_run, tmp_path):
+    data = write_sentiment(tmp_path)
+    base, _, _ = load_model(base_run / "r" / "pretrain" / "model")
+    lora = finetune_classifier(cfg_for(base_run, *classify_sets(data, lora_r=4)), "sentiment", progress=False)
+    assert lora["method"].startswith("LoRA r=4") and lora["trainable_params"] < 0.2 * lora["total_params"]
+    frozen = finetune_classifier(cfg_for(base_run, *classify_sets(data, freeze="backbone")), "sentiment",
+                                 progress=False)
+    assert frozen["trainable_params"] == 32 * 2 + 2  # the head only: n_embd x classes + bias
+    # a frozen backbone leaves the pre-trained weights, and so pre-training perplexity, unchanged
+    model, _, _ = load_classifier(base_run / "r" / "finetune" / "sentiment" / "model")
+    for (name, p), q in zip(base.named_parameters(), model.backbone.parameters()):
+        assert torch.equal(p, q), name
+    assert frozen["forgetting_ppl_change_pct"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_classifier_bad_labels_are_clear_errors(base_run, tmp_path):
+    data = write_sentiment(tmp_path)
+    rows = [json.loads(line) for line in Path(data["test"]).read_text().splitlines()]
+    rows[3]["label"] = "sarcastic"
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(DataError, match=r"test.jsonl:4: label 'sarcastic' does not occur in the training data"):
+        finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+    del rows[3]["label"]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(DataError, match=r"test.jsonl:4: missing field 'label' \(fields present: id, text\)"):
+        finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+
+
+def write_chats(d):
+    rng = random.Random(1)
+    statuses = ["shipped", "delivered", "processing", "cancelled"]
+    for split, m in (("train", 200), ("val", 20), ("test", 20)):
+        rows = []
+        for i in range(m):
+            st = rng.choice(statuses)
+            rows.append({"id": f"{split}{i}", "intent": "order_status", "record": {"status": st},
+                         "messages": [{"role": "system", "content": f"status: {st}"},
+                                      {"role": "user", "content": "where is my order?"},
+                                      {"role": "assistant", "content": f"Your order is {st}."}]})
+        write_jsonl(d / f"{split}.jsonl", rows)
+    return {s: str(d / f"{s}.jsonl") for s in ("train", "val", "test")}
+
+
+def test_sft_learns_to_answer_from_the_record_and_end_its_turn(base_run, tmp_path):
+    data = write_chats(tmp_path)
+    sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
+        "sft.max_steps=400", "sft.eval_every=0", "sft.dtype=fp32", "sft.lr=3e-3", "sft.checkpoint_every=0",
+        "sft.forgetting_batches=2", "sft.eval_generate=20", "sft.max_new_tokens=24"]
+    metrics = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
+    assert metrics["generated"] == 20 and metrics["status_checked"] == 20
+    assert metrics["test_status_correct"] >= 0.8, metrics
+    assert metrics["test_bleu"] > 50 and "bleu_signature" in metrics
+    answers = [json.loads(line) for line in (base_run / "r" / "finetune" / "sft" / "answers.jsonl").read_text().splitlines()]
+    assert all(a["answer"].startswith("Your order is") for a in answers[:5])
+
+    model, tok, meta = load_model(base_run / "r" / "finetune" / "sft" / "model")
+    assert meta["task"] == "chat"
+    out = io.StringIO()
+    inputs = iter(["/system status: delivered", "where is my order?", "/reset", "/bogus", "/quit"])
+    convo = chat_loop(model, tok, Sampling(temperature=0.0, max_new_tokens=24), read=lambda _: next(inputs), out=out)
+    text = out.getvalue()
+    assert "assistant> Your order is delivered." in text
+    assert "(conversation reset)" in text and "unknown command '/bogus'" in text
+    assert convo == [{"role": "system", "content": "status: delivered"}]
+
+
+def test_status_check():
+    assert status_stated({"status": "out_for_delivery"}, "It is out for delivery today.") is True
+    assert status_stated({"status": "shipped"}, "It was delivered.") is False
+    assert status_stated({"id": 1}, "anything") is None
+
+
+def test_finetune_config_errors():
+    with pytest.raises(ConfigError, match=r"sentiment.freeze: 'head' is not allowed; allowed: none, embeddings"):
+        load_config(overrides=["sentiment.freeze=head"])
+    with pytest.raises(ConfigError, match=r"sft.freeze: LoRA already freezes"):
+        load_config(overrides=["sft.lora_r=4", "sft.freeze=backbone"])
+    with pytest.raises(ConfigError, match=r"intent.pooling: 'max' is not allowed"):
+        load_config(overrides=["intent.pooling=max"])
