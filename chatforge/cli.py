@@ -5,7 +5,7 @@
     chatforge tokenizer train [-c CONFIG] [--set k=v ...]
     chatforge tokenizer encode TOKENIZER_DIR TEXT
     chatforge pretrain [-c CONFIG] [--set k=v ...] [--resume]     (also under torchrun)
-    chatforge finetune sft|sentiment|intent|translate [--train F --val F --test F] [--set k=v ...] [--resume]
+    chatforge finetune sft|sentiment|intent|translate|tagging [--train F --val F --test F] [--set k=v ...] [--resume]
     chatforge sample [MODEL_DIR] [--prompt TEXT ...] [sampling flags]
     chatforge chat [MODEL_DIR] [--system TEXT] [sampling flags]
     chatforge eval perplexity [MODEL_DIR] [--text SOURCE | --shards FILE ...]
@@ -125,6 +125,7 @@ def _print_outputs(cfg: RunConfig) -> None:
         ("sentiment model", p.root / "finetune" / "sentiment" / "model"),
         ("intent model", p.root / "finetune" / "intent" / "model"),
         ("translation model", p.root / "finetune" / "translate" / "model"),
+        ("tagging model", p.root / "finetune" / "tagging" / "model"),
         ("fine-tune reports", p.root / "finetune"),
         ("manifest", p.root / "manifest.json"),
     ]
@@ -196,7 +197,10 @@ def _print_finetune_report(cfg: RunConfig, sections: list[str]) -> None:
         r = json.loads(path.read_text())
         head = f"\n[bold]{section}[/bold] ({r['method']}, {r['trainable_params']:,} of {r['total_params']:,} params " \
                f"trained, {r['wall_time_s']:.0f}s): "
-        if "test_accuracy" in r:
+        if "test_entity_f1" in r:
+            line = (f"test entity F1 {r['test_entity_f1']:.3f} (precision {r['test_entity_precision']:.3f}, "
+                    f"recall {r['test_entity_recall']:.3f}), token accuracy {r['test_token_accuracy']:.3f}")
+        elif "test_accuracy" in r:
             line = (f"test accuracy {r['test_accuracy']:.3f}, macro-F1 {r['test_macro_f1']:.3f} "
                     f"(majority-class baseline {r['majority_baseline']:.3f})")
         else:
@@ -348,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ft = sub.add_parser("finetune", help="fine-tune the pre-trained model for chat or a task")
-    ft.add_argument("stage", choices=["sft", "sentiment", "intent", "translate"],
-                    help="sft: chat; sentiment/intent: classify {text,label}; translate: prompt -> completion")
+    ft.add_argument("stage", choices=["sft", "sentiment", "intent", "translate", "tagging"],
+                    help="sft: chat; sentiment/intent: classify {text,label}; translate: prompt -> completion; "
+                         "tagging: BIO token classification {tokens,tags}")
     ft.add_argument("--train", help="training data (.jsonl/.parquet/hf:NAME; default: the SupportWorld set)")
     ft.add_argument("--val", help="validation data")
     ft.add_argument("--test", help="test data")

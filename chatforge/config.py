@@ -194,6 +194,14 @@ def _translate_defaults() -> ChatTuneConfig:
                           checkpoint_every=300, min_lr_frac=0.0, max_new_tokens=48)
 
 
+@dataclass
+class TagConfig(FinetuneConfig):
+    """Token classification (BIO tags) with a linear layer on every position."""
+
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+
+
 def _classify_defaults() -> ClassifyConfig:
     return ClassifyConfig(batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=0,
                           checkpoint_every=300, max_len=96, weight_decay=0.0, min_lr_frac=0.0)
@@ -217,6 +225,9 @@ class RunConfig:
     translate: ChatTuneConfig = field(default_factory=_translate_defaults)  # SupportWorld EN -> ES
     sentiment: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld reviews
     intent: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld support conversations
+    tagging: TagConfig = field(default_factory=lambda: TagConfig(
+        batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, checkpoint_every=300, max_len=96,
+        weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
 
     @property
     def run_dir(self) -> Path:
@@ -254,7 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer.kind": ("bpe", "byte", "char"),
     "pretrain.dtype": ("auto", "fp32", "bf16", "fp16"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
-    **{f"{sec}.{k}": v for sec in ("sft", "translate", "sentiment", "intent") for k, v in (
+    **{f"{sec}.{k}": v for sec in ("sft", "translate", "sentiment", "intent", "tagging") for k, v in (
         ("dtype", ("auto", "fp32", "bf16", "fp16")), ("schedule", ("cosine", "wsd", "constant")))},
     **{f"{sec}.pooling": ("last", "mean") for sec in ("sentiment", "intent")},
 }
@@ -440,7 +451,7 @@ def validate(cfg: RunConfig) -> None:
     for f in ("n_embd", "n_head", "n_kv_head"):
         _check(getattr(m, f) >= 0, f"model.{f}", "must be >= 0 (0 = derived)")
     validate_train(cfg.pretrain, "pretrain")
-    for sec in ("sft", "translate", "sentiment", "intent"):
+    for sec in ("sft", "translate", "sentiment", "intent", "tagging"):
         validate_finetune(getattr(cfg, sec), sec)
     for sec in ("sft", "translate"):
         _check(getattr(cfg, sec).eval_generate >= 0, f"{sec}.eval_generate", "must be >= 0")

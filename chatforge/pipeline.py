@@ -183,11 +183,16 @@ FINETUNE_STAGES = {
     "sentiment": ("classify", "sentiment classifier on reviews"),
     "intent": ("classify", "intent classifier on support conversations"),
     "translate": ("chat", "English -> Spanish translation (prompt -> completion)"),
+    "tagging": ("tag", "product-attribute tagger (BIO token classification)"),
 }
 
 
 def run_finetune(cfg: RunConfig, section: str, resume: bool = False) -> dict[str, Any]:
     kind = FINETUNE_STAGES[section][0]
+    if kind == "tag":
+        from chatforge.finetune.tag import finetune_tagger
+
+        return finetune_tagger(cfg, section, resume=resume)
     if kind == "classify":
         from chatforge.finetune.classify import finetune_classifier
 
@@ -198,10 +203,10 @@ def run_finetune(cfg: RunConfig, section: str, resume: bool = False) -> dict[str
 
 
 def _finetune_inputs(cfg: RunConfig, section: str) -> list[Path]:
-    from chatforge.finetune.classify import data_sources as classify_sources
-    from chatforge.finetune.sft import data_sources as chat_sources
+    from chatforge.finetune import classify, sft, tag
 
-    sources = (classify_sources if FINETUNE_STAGES[section][0] == "classify" else chat_sources)(cfg, section)
+    module = {"classify": classify, "chat": sft, "tag": tag}[FINETUNE_STAGES[section][0]]
+    sources = module.data_sources(cfg, section)
     p = paths(cfg)
     return [p.pretrain / "model", p.val_shard, *(Path(s) for s in sources.values() if not s.startswith("hf:"))]
 

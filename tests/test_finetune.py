@@ -151,3 +151,28 @@ def test_finetune_config_errors():
         load_config(overrides=["sft.lora_r=4", "sft.freeze=backbone"])
     with pytest.raises(ConfigError, match=r"intent.pooling: 'max' is not allowed"):
         load_config(overrides=["intent.pooling=max"])
+
+
+def test_tagger_learns_bio_spans(base_run, tmp_path):
+    from chatforge.finetune.tag import finetune_tagger
+
+    rng = random.Random(2)
+    colors, items = ["red", "blue", "green"], ["mug", "lamp", "scarf"]
+    for split, m in (("train", 200), ("val", 30), ("test", 30)):
+        rows = []
+        for i in range(m):
+            c, it = rng.choice(colors), rng.choice(items)
+            rows.append({"id": f"{split}{i}", "tokens": ["the", c, it, "is", "nice"],
+                         "tags": ["O", "B-COLOR", "B-PRODUCT", "O", "O"]})
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    sets = [f"tagging.{s}_data={json.dumps(str(tmp_path / f'{s}.jsonl'))}" for s in ("train", "val", "test")] + [
+        "tagging.max_steps=80", "tagging.eval_every=0", "tagging.dtype=fp32", "tagging.lr=3e-3",
+        "tagging.checkpoint_every=0", "tagging.forgetting_batches=2", "tagging.batch_size=16"]
+    metrics = finetune_tagger(cfg_for(base_run, *sets), progress=False)
+    assert metrics["test_entity_f1"] > 0.9, metrics
+    assert set(metrics["per_type"]) == {"COLOR", "PRODUCT"}
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    rows[0]["tags"] = rows[0]["tags"][:-1]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(DataError, match=r"test.jsonl:1: 5 tokens but 4 tags"):
+        finetune_tagger(cfg_for(base_run, *sets), progress=False)
