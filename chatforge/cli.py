@@ -291,6 +291,26 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
                   f"bits/byte {result['val_bpb']:.4f}  over {result['val_tokens']:,} tokens", markup=False)
 
 
+def cmd_eval_prompt_classify(args: argparse.Namespace) -> None:
+    from chatforge.eval.metrics import format_confusion
+    from chatforge.finetune.classify import read_labelled
+    from chatforge.finetune.prompting import DEFAULT_INSTRUCTION, prompt_classify
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, _ = load_model(_default_model(args, "sft"), device)
+    rows = read_labelled(args.data, args.text_field, args.label_field)[: args.limit or None]
+    labels = args.labels.split(",") if args.labels else sorted({label for _, _, label in rows})
+    report = prompt_classify(model, tok, rows, labels, args.instruction or DEFAULT_INSTRUCTION, device)
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    console.print(f"prompt-only accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} on "
+                  f"{report['n']} examples (majority-class baseline {report['majority_baseline']:.3f})", markup=False)
+    console.print(format_confusion(report), markup=False)
+
+
 def cmd_config_show(args: argparse.Namespace) -> None:
     sys.stdout.write(to_toml(_config(args)))
 
@@ -401,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="auto")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(func=cmd_eval_perplexity)
+
+    pc = ev_sub.add_parser("prompt-classify", help="classify by asking the chat model (the prompt-only "
+                                                     "alternative to a fine-tuned head)")
+    pc.add_argument("model", nargs="?", help="chat model directory (default: runs/default/finetune/sft/model)")
+    pc.add_argument("--data", required=True, help="{text,label} data (.jsonl/.parquet/hf:NAME)")
+    pc.add_argument("--labels", help="comma-separated labels (default: those in the data)")
+    pc.add_argument("--instruction", help="prompt with {labels} and {text} placeholders")
+    pc.add_argument("--text-field", default="text")
+    pc.add_argument("--label-field", default="label")
+    pc.add_argument("--limit", type=int, default=0, help="use the first N examples (0 = all)")
+    pc.add_argument("--device", default="auto")
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(func=cmd_eval_prompt_classify)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)

@@ -176,3 +176,23 @@ def test_tagger_learns_bio_spans(base_run, tmp_path):
     write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(DataError, match=r"test.jsonl:1: 5 tokens but 4 tags"):
         finetune_tagger(cfg_for(base_run, *sets), progress=False)
+
+
+def test_prompt_only_scores_each_label_as_the_whole_reply(base_run, tmp_path):
+    from chatforge.chat.template import render, render_prompt
+    from chatforge.finetune.prompting import label_logprobs, prompt_classify
+
+    model, tok, _ = load_model(base_run / "r" / "pretrain" / "model")
+    prompt = render_prompt([{"role": "user", "content": "how was it?"}], tok)
+    scores = label_logprobs(model, tok, prompt, ["good", "bad"])
+    # reference: the same log-likelihood computed from a full forward pass without padding
+    for label, score in zip(["good", "bad"], scores):
+        ids = prompt + render([{"role": "assistant", "content": label}], tok).ids[2:]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x[:, :-1])[0], -1)[0]
+        n = len(ids) - len(prompt)
+        ref = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+        assert score == pytest.approx(ref, abs=1e-4)
+    report = prompt_classify(model, tok, [("x:1", "fine", "good"), ("x:2", "awful", "bad")], ["good", "bad"])
+    assert report["n"] == 2 and 0 <= report["accuracy"] <= 1
