@@ -237,10 +237,15 @@ class RunConfig:
 # Presets are overrides on top of the dataclass defaults, written as --set keys.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, minutes: a small corpus and vocabulary.
+    # The context is 512 tokens because support conversations (record + turns) need it. Heads are
+    # 64-dim: with QK-norm the attention logits are bounded by sqrt(head_dim), and 32-dim heads
+    # cannot attend sharply enough over hundreds of tokens to copy facts from the order record.
     "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096,
-             "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 128,
-             "pretrain.batch_size": 16, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
-             "pretrain.eval_every": 100, "pretrain.checkpoint_every": 250},
+             "model.depth": 4, "model.n_embd": 128, "model.n_head": 2, "model.block_size": 512,
+             "pretrain.batch_size": 4, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
+             "pretrain.eval_every": 100, "pretrain.checkpoint_every": 250, "pretrain.eval_batches": 10,
+             "sft.batch_size": 4, "sft.max_steps": 500, "sft.eval_every": 250, "sft.eval_batches": 10,
+             "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125},
     # CPU, about half an hour end to end.
     "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
               "model.depth": 6, "model.n_embd": 256, "model.n_head": 4, "model.block_size": 256,

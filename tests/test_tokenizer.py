@@ -108,7 +108,7 @@ def test_split_keeps_digits_in_groups_of_three(toks):
         pos += len(bpe.token_bytes(i))
         ends.add(pos)
     assert {3, 6, 8} <= ends
-    assert bpe.to_tiktoken().encode_ordinary("20242024") == bpe.encode("20242024")
+    assert bpe.to_tiktoken().encode_ordinary("20242024") == bpe.encode_hf("20242024")
 
 
 # --------------------------------------------------------------------------- special tokens
@@ -187,9 +187,10 @@ def test_bpe_save_writes_hf_file_and_train_info(toks, tmp_path):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(s=texts)
 def test_tiktoken_export_matches(toks, s):
+    """tiktoken with the exported ranks gives exactly the HF tokenizer's ids (encode's fast path)."""
     bpe = toks["bpe"]
     enc = _tiktoken(bpe)
-    assert enc.encode_ordinary(s) == bpe.encode(s)
+    assert enc.encode_ordinary(s) == bpe.encode_hf(s) == bpe.encode(s)
 
 
 _TIKTOKEN_CACHE: dict[int, object] = {}
@@ -207,9 +208,18 @@ def test_tiktoken_export_on_corpus_and_specials(toks):
     enc = _tiktoken(bpe)
     assert enc.n_vocab == bpe.vocab_size
     docs = make_corpus(100, seed=7)  # unseen documents in the training style
-    assert enc.encode_ordinary_batch(docs) == bpe.encode_batch(docs)
+    hf = [e.ids for e in bpe.hf_tokenizer.encode_batch(docs, add_special_tokens=False)]
+    assert enc.encode_ordinary_batch(docs) == hf == bpe.encode_batch(docs)
     assert enc.encode("<|end|>", allowed_special="all") == [bpe.end_id]
     assert enc.decode(bpe.encode(docs[0])) == docs[0]
+
+
+def test_encode_without_tiktoken_uses_hf(toks, monkeypatch):
+    bpe = toks["bpe"]
+    docs = make_corpus(20, seed=3)
+    expected = bpe.encode_batch(docs)
+    monkeypatch.setattr(bpe, "_tiktoken", False)  # as when tiktoken is not installed
+    assert bpe.encode_batch(docs) == expected and bpe.encode(docs[0]) == expected[0]
 
 
 # --------------------------------------------------------------------------- training options

@@ -107,31 +107,42 @@ def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dic
 
 def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_tokens: int, device: torch.device
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Answer the first ``n`` held-out prompts of ``source``; BLEU/chrF and order-status checks."""
-    convs, records = [], []
+    """Answer ``n`` held-out prompts of ``source`` by greedy decoding and score them: BLEU/chrF
+    against the references, and, for prompts whose reference answer states the order
+    status of the conversation's record, whether the generated answer states it too.
+    Half of the prompts are such status questions (when the data has them), half the rest."""
+    limit = model.config.block_size - max_new_tokens
+    status_pool, other_pool = [], []
     for (where, msgs), (_, rec) in zip(iter_conversations(source), iter_records(source)):
-        if msgs and msgs[-1].get("role") == "assistant" and prompt_messages(msgs):
-            convs.append((where, msgs))
-            records.append(rec)
-        if len(convs) == n:
+        if not msgs or msgs[-1].get("role") != "assistant" or not prompt_messages(msgs):
+            continue
+        record = rec.get("record") if isinstance(rec, dict) else None
+        checkable = status_stated(record, msgs[-1]["content"]) is True
+        pool = status_pool if checkable else other_pool
+        if len(pool) < n and len(render_prompt(msgs, tok, where)) <= limit:
+            pool.append((where, msgs, record if checkable else None))
+        if len(status_pool) >= n and len(other_pool) >= n:
             break
+    k = min(len(status_pool), (n + 1) // 2)
+    chosen = status_pool[:k] + other_pool[:n - k]
+    chosen += status_pool[k:k + n - len(chosen)]
     was_training = model.training
     model.eval()
-    answers = answer_prompts(model, tok, convs, max_new_tokens, device)
+    answers = answer_prompts(model, tok, [(w, m) for w, m, _ in chosen], max_new_tokens, device)
     model.train(was_training)
     rows, hyps, refs, checks = [], [], [], []
-    for (where, msgs), rec, ans in zip(convs, records, answers):
+    for (where, msgs, record), ans in zip(chosen, answers):
         ref = msgs[-1]["content"]
         row = {"where": where, "prompt": prompt_messages(msgs), "reference": ref, "answer": ans}
         if ans is not None:
             hyps.append(ans)
             refs.append(ref)
-            ok = status_stated(rec.get("record"), ans) if isinstance(rec, dict) else None
-            if ok is not None and rec.get("intent") in (None, "order_status"):
-                row["status_stated"] = ok
-                checks.append(ok)
+            if record is not None:
+                row["status"] = record["status"]
+                row["status_stated"] = bool(status_stated(record, ans))
+                checks.append(row["status_stated"])
         rows.append(row)
-    metrics: dict[str, Any] = {"generated": len(hyps), "skipped_too_long": sum(a is None for a in answers)}
+    metrics: dict[str, Any] = {"generated": len(hyps)}
     if hyps:
         metrics.update(bleu_chrf(hyps, refs))
     if checks:

@@ -226,8 +226,11 @@ def train(
             prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
+    import sys
+
+    # On a terminal the bar redraws in place; in a log file every redraw is a new line, so redraw rarely.
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dist.is_main), desc=task.name,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     raw_model.train()
     if step == 0 and (cfg.eval_every or cfg.sample_every):
         run_eval(0)
