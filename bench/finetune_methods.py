@@ -33,13 +33,15 @@ def main() -> None:
     ap.add_argument("--name", default="default", help="run name under --runs-dir")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--stage", default="sentiment", choices=["sentiment", "intent", "tagging", "sft", "translate"])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE overrides")
     args = ap.parse_args()
 
     rows = []
     out_dir = Path(args.runs_dir) / args.name / "finetune" / f"compare-{args.stage}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for variant, sets in VARIANTS.items():
+    for variant in args.variants:
+        sets = VARIANTS[variant]
         overrides = [f"name={json.dumps(args.name)}", f"runs_dir={json.dumps(args.runs_dir)}", *args.overrides,
                      *(f"{args.stage}.{s}" for s in sets)]
         cfg = load_config(overrides=overrides)

@@ -458,6 +458,8 @@ def validate(cfg: RunConfig) -> None:
     validate_train(cfg.pretrain, "pretrain")
     for sec in ("sft", "translate", "sentiment", "intent", "tagging"):
         validate_finetune(getattr(cfg, sec), sec)
+    _check(cfg.tagging.replay == 0, "tagging.replay", "replay is not available for the tagging stage yet; use "
+           "backbone_lr_scale or LoRA to limit forgetting")
     for sec in ("sft", "translate"):
         _check(getattr(cfg, sec).eval_generate >= 0, f"{sec}.eval_generate", "must be >= 0")
         _check(getattr(cfg, sec).max_new_tokens >= 1, f"{sec}.max_new_tokens", "must be >= 1")

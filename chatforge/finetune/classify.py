@@ -176,7 +176,10 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
     params = adapt(model, f, section, keep_trainable=("head",))
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    replay = pre.replay_loader(backbone.config.block_size, f.batch_size, f.seed) if f.replay > 0 else None
+    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
+    avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
+    replay_rows = max(1, round(avg_len * f.batch_size / backbone.config.block_size))
+    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed) if f.replay > 0 else None
 
     def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         ce = F.cross_entropy(m(batch["idx"], batch["attention_mask"]), batch["labels"])
@@ -190,7 +193,6 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
                                        labels)
         return {"val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
 
-    avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
     task = TrainTask(
         name=section, model=model, tokenizer=tok,
         batches=ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, replay),
