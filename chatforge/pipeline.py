@@ -203,10 +203,9 @@ def run_finetune(cfg: RunConfig, section: str, resume: bool = False) -> dict[str
 
 
 def _finetune_inputs(cfg: RunConfig, section: str) -> list[Path]:
-    from chatforge.finetune import classify, sft, tag
+    from chatforge.finetune.common import data_sources
 
-    module = {"classify": classify, "chat": sft, "tag": tag}[FINETUNE_STAGES[section][0]]
-    sources = module.data_sources(cfg, section)
+    sources = data_sources(cfg, section)
     p = paths(cfg)
     return [p.pretrain / "model", p.val_shard, *(Path(s) for s in sources.values() if not s.startswith("hf:"))]
 

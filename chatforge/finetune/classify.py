@@ -30,9 +30,11 @@ from chatforge.finetune.common import (
     EpochShuffler,
     PretrainData,
     adapt,
+    data_sources,
     forgetting,
     load_base,
     scaled_param_groups,
+    stage_dir,
 )
 from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json
@@ -41,9 +43,6 @@ from chatforge.model.heads import ClassifierHead, GPTWithHead
 from chatforge.train.checkpoint import load_model_weights, load_tokenizer_of, read_model_config, save_model
 from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
-
-# Where each classification stage finds its SupportWorld data by default.
-SUPPORTWORLD_SETS = {"sentiment": "reviews", "intent": "intents"}
 
 
 @dataclass
@@ -137,21 +136,6 @@ def predict(model: GPTWithHead, data: LabelledSet, pad_id: int, device: torch.de
         total += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
         preds.extend(logits.argmax(-1).tolist())
     return preds, total / max(1, len(data.examples))
-
-
-def stage_dir(cfg: RunConfig, section: str) -> Path:
-    from chatforge.pipeline import paths
-
-    return paths(cfg).root / "finetune" / section
-
-
-def data_sources(cfg: RunConfig, section: str) -> dict[str, str]:
-    """train/val/test sources of a stage: the config's, else the SupportWorld set."""
-    from chatforge.pipeline import paths
-
-    f: ClassifyConfig = getattr(cfg, section)
-    default = paths(cfg).supportworld / SUPPORTWORLD_SETS.get(section, section)
-    return {split: getattr(f, f"{split}_data") or str(default / f"{split}.jsonl") for split in ("train", "val", "test")}
 
 
 def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -26,6 +26,26 @@ from chatforge.model.gpt import GPT, param_groups
 from chatforge.train.checkpoint import load_model
 from chatforge.train.precision import Precision
 
+# The SupportWorld set each fine-tuning stage reads when its *_data fields are empty.
+SUPPORTWORLD_SETS = {"sft": "conversations", "translate": "translation", "sentiment": "reviews",
+                     "intent": "intents", "tagging": "tags"}
+
+
+def stage_dir(cfg: RunConfig, section: str) -> Path:
+    """Where a fine-tuning stage writes: ``runs/<run>/finetune/<section>/``."""
+    from chatforge.pipeline import paths
+
+    return paths(cfg).root / "finetune" / section
+
+
+def data_sources(cfg: RunConfig, section: str) -> dict[str, str]:
+    """train/val/test sources of a stage: the config's ``*_data``, else its SupportWorld set."""
+    from chatforge.pipeline import paths
+
+    f: FinetuneConfig = getattr(cfg, section)
+    default = paths(cfg).supportworld / SUPPORTWORLD_SETS.get(section, section)
+    return {split: getattr(f, f"{split}_data") or str(default / f"{split}.jsonl") for split in ("train", "val", "test")}
+
 
 def base_model_dir(cfg: RunConfig) -> Path:
     from chatforge.pipeline import paths

@@ -16,7 +16,6 @@ Writes under ``runs/<run>/finetune/<stage>/``: ``ckpt/``, ``model/`` (LoRA merge
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,15 @@ from chatforge.config import ChatTuneConfig, RunConfig
 from chatforge.data.records import iter_records
 from chatforge.errors import ChatforgeError
 from chatforge.eval.metrics import bleu_chrf
-from chatforge.finetune.common import PretrainData, adapt, forgetting, load_base, scaled_param_groups
+from chatforge.finetune.common import (
+    PretrainData,
+    adapt,
+    data_sources,
+    forgetting,
+    load_base,
+    scaled_param_groups,
+    stage_dir,
+)
 from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json, write_jsonl
 from chatforge.model.generate import generate
@@ -38,22 +45,7 @@ from chatforge.train.checkpoint import save_model
 from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
 
-SUPPORTWORLD_SETS = {"sft": "conversations", "translate": "translation"}
 GEN_BATCH = 16
-
-
-def stage_dir(cfg: RunConfig, section: str) -> Path:
-    from chatforge.pipeline import paths
-
-    return paths(cfg).root / "finetune" / section
-
-
-def data_sources(cfg: RunConfig, section: str) -> dict[str, str]:
-    from chatforge.pipeline import paths
-
-    f: ChatTuneConfig = getattr(cfg, section)
-    default = paths(cfg).supportworld / SUPPORTWORLD_SETS.get(section, section)
-    return {split: getattr(f, f"{split}_data") or str(default / f"{split}.jsonl") for split in ("train", "val", "test")}
 
 
 class _WithReplay:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +28,11 @@ from chatforge.finetune.common import (
     EpochShuffler,
     PretrainData,
     adapt,
+    data_sources,
     forgetting,
     load_base,
     scaled_param_groups,
+    stage_dir,
 )
 from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json
@@ -146,24 +147,10 @@ def gold_tags(data: list[Tagged], tags: list[str]) -> list[list[str]]:
     return [[tags[t] for t in e.targets if t != -1] for e in data]
 
 
-def stage_dir(cfg: RunConfig) -> Path:
-    from chatforge.pipeline import paths
-
-    return paths(cfg).root / "finetune" / "tagging"
-
-
-def data_sources(cfg: RunConfig, section: str = "tagging") -> dict[str, str]:
-    from chatforge.pipeline import paths
-
-    f: TagConfig = getattr(cfg, section)
-    default = paths(cfg).supportworld / "tags"
-    return {split: getattr(f, f"{split}_data") or str(default / f"{split}.jsonl") for split in ("train", "val", "test")}
-
-
 def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = False, progress: bool = True
                     ) -> dict[str, Any]:
     f: TagConfig = getattr(cfg, section)
-    out = stage_dir(cfg)
+    out = stage_dir(cfg, section)
     device = resolve_device(f.device)
     precision = resolve_precision(f.dtype, device)
     seed_everything(f.seed)
