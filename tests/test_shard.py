@@ -143,7 +143,7 @@ def _patch(path: Path, offset: int, fmt: str, value) -> None:
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda p: p.write_bytes(b"XXXXXXXX" + p.read_bytes()[8:]), "not a chatforge token shard"),
+        (lambda p: p.write_bytes(b"NOTSHARD" + p.read_bytes()[8:]), "not a chatforge token shard"),
         (lambda p: p.write_bytes(b""), "empty"),
         (lambda p: p.write_bytes(MAGIC[:5]), "truncated"),
         (lambda p: p.write_bytes(p.read_bytes()[:100]), "shorter than the 256-byte header"),
