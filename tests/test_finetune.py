@@ -196,3 +196,12 @@ def test_prompt_only_scores_each_label_as_the_whole_reply(base_run, tmp_path):
         assert score == pytest.approx(ref, abs=1e-4)
     report = prompt_classify(model, tok, [("x:1", "fine", "good"), ("x:2", "awful", "bad")], ["good", "bad"])
     assert report["n"] == 2 and 0 <= report["accuracy"] <= 1
+
+
+def test_replay_limits_forgetting(base_run, tmp_path):
+    data = write_sentiment(tmp_path)
+    plain = finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+    replayed = finetune_classifier(cfg_for(base_run, *classify_sets(data, replay=0.2, max_steps=200)),
+                                   "sentiment", progress=False)
+    assert replayed["test_accuracy"] > 0.8, replayed["test_accuracy"]
+    assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"]

@@ -29,6 +29,7 @@ from chatforge.eval.metrics import classification_report, format_confusion
 from chatforge.finetune.common import (
     EpochShuffler,
     PretrainData,
+    WithReplay,
     adapt,
     data_sources,
     forgetting,
@@ -101,28 +102,20 @@ def collate(examples: list[Labelled], pad_id: int, device: torch.device) -> dict
 
 
 class ClassifyBatches:
-    """Endless shuffled batches of labelled texts (+ pre-training blocks when replaying)."""
+    """Endless shuffled batches of labelled texts."""
 
-    def __init__(self, data: LabelledSet, batch_size: int, seed: int, pad_id: int, device: torch.device,
-                 replay: Any = None):
+    def __init__(self, data: LabelledSet, batch_size: int, seed: int, pad_id: int, device: torch.device):
         self.data, self.batch_size, self.pad_id, self.device = data, batch_size, pad_id, device
         self.order = EpochShuffler(len(data.examples), seed)
-        self.replay = replay
 
     def __next__(self) -> dict[str, Any]:
-        batch = collate([self.data.examples[i] for i in self.order.take(self.batch_size)], self.pad_id, self.device)
-        if self.replay is not None:
-            x, y = next(self.replay)
-            batch["lm"] = (x.to(self.device), y.to(self.device))
-        return batch
+        return collate([self.data.examples[i] for i in self.order.take(self.batch_size)], self.pad_id, self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"order": self.order.state_dict(), "replay": self.replay.state_dict() if self.replay else None}
+        return self.order.state_dict()
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.order.load_state_dict(s["order"])
-        if self.replay is not None and s.get("replay"):
-            self.replay.load_state_dict(s["replay"])
+        self.order.load_state_dict(s)
 
 
 @torch.no_grad()
@@ -179,7 +172,8 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
 
     task = TrainTask(
         name=section, model=model, tokenizer=tok,
-        batches=ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, replay),
+        batches=WithReplay(ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device), replay,
+                            device),
         loss=loss, tokens_per_micro_batch=max(1, round(avg_len * f.batch_size)), evaluate=evaluate,
         meta={"task": "classify", "labels": labels, "pooling": f.pooling}, backbone=backbone,
         param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale),

@@ -128,6 +128,29 @@ class PretrainData:
         return out
 
 
+class WithReplay:
+    """A stage's batches (dicts of tensors) moved to the device, plus a batch of pre-training
+    blocks under ``"lm"`` when replay is on; both positions go into checkpoints."""
+
+    def __init__(self, batches: Any, replay: TokenLoader | None, device: torch.device):
+        self.batches, self.replay, self.device = batches, replay, device
+
+    def __next__(self) -> dict[str, Any]:
+        batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+        if self.replay is not None:
+            x, y = next(self.replay)
+            batch["lm"] = (x.to(self.device), y.to(self.device))
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "replay": self.replay.state_dict() if self.replay else None}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.batches.load_state_dict(s["batches"])
+        if self.replay is not None and s.get("replay"):
+            self.replay.load_state_dict(s["replay"])
+
+
 def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {
         "pretrain_val_loss_before": before["val_loss"], "pretrain_val_loss_after": after["val_loss"],

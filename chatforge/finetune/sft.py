@@ -30,6 +30,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.metrics import bleu_chrf
 from chatforge.finetune.common import (
     PretrainData,
+    WithReplay,
     adapt,
     data_sources,
     forgetting,
@@ -46,28 +47,6 @@ from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
 
 GEN_BATCH = 16
-
-
-class _WithReplay:
-    """Chat batches, plus a pre-training block per batch when replay is on."""
-
-    def __init__(self, chats: ChatBatches, replay: Any, device: torch.device):
-        self.chats, self.replay, self.device = chats, replay, device
-
-    def __next__(self) -> dict[str, Any]:
-        batch = {k: v.to(self.device) for k, v in next(self.chats).items()}
-        if self.replay is not None:
-            x, y = next(self.replay)
-            batch["lm"] = (x.to(self.device), y.to(self.device))
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"chats": self.chats.state_dict(), "replay": self.replay.state_dict() if self.replay else None}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.chats.load_state_dict(s["chats"])
-        if self.replay is not None and s.get("replay"):
-            self.replay.load_state_dict(s["replay"])
 
 
 def status_stated(record: Any, answer: str) -> bool | None:
@@ -189,7 +168,7 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
         return {"val_loss": loss_value, "val_ppl": float(torch.tensor(loss_value).exp())}
 
     task = TrainTask(
-        name=section, model=model, tokenizer=tok, batches=_WithReplay(chats, replay, device), loss=loss,
+        name=section, model=model, tokenizer=tok, batches=WithReplay(chats, replay, device), loss=loss,
         tokens_per_micro_batch=chats.tokens_per_batch, evaluate=evaluate,
         meta={"task": "chat" if section == "sft" else "generate"},
         param_groups=scaled_param_groups(model, f.weight_decay, model, f.backbone_lr_scale)
