@@ -27,6 +27,8 @@ from rich.table import Table
 from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
+from chatforge.serve.cli import add_serve_parser
+from chatforge.store.cli import add_feedback_parser
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -133,6 +135,12 @@ def _print_outputs(cfg: RunConfig) -> None:
     for label, path in rows:
         if path.exists():
             console.print(f"  {label:<18} {relpath(path)}")
+    chat_model = p.root / "finetune" / "sft" / "model"
+    if chat_model.exists():
+        serve = "chatforge serve" if cfg.name == "default" and cfg.runs_dir == "runs" else f"chatforge serve {relpath(chat_model)}"
+        console.print(f"\n[bold]Next[/bold]: talk to it and collect feedback: [cyan]{serve}[/cyan], "
+                      f"then open http://127.0.0.1:8000 (create a login with "
+                      f"[cyan]chatforge feedback users add NAME --role admin[/cyan])", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- commands
@@ -434,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--device", default="auto")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(func=cmd_eval_prompt_classify)
+
+    add_serve_parser(sub)
+    add_feedback_parser(sub)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)
