@@ -299,9 +299,10 @@ def test_rate_with_keyboard(page, server):
     assert got[by_text[second]] == (5, 1, 1, 1, "Robert'); DROP TABLE ratings; --")
 
 
-def test_rank_three_by_buttons_then_pair(page, server):
+def test_rank_three_by_buttons_then_pair(page, server, tmp_path):
     from sqlalchemy import select
 
+    from chatforge.store.export import export_feedback
     from chatforge.store.models import Ranking
 
     _, state = server
@@ -346,6 +347,15 @@ def test_rank_three_by_buttons_then_pair(page, server):
             _assignment_ids(state, user))))}
     assert sorted(orders.values()) == sorted([[text_to_id[t] for t in want],
                                               [text_to_id[b_text], *(set(ids[1]) - {text_to_id[b_text]})]])
+    # round trip: `feedback export` gives exactly the pairs the ranks given on the page imply
+    export_feedback(state.store, tmp_path, kinds=("preferences",))
+    rows = [json.loads(line) for line in (tmp_path / "preferences.jsonl").read_text().splitlines()]
+    pairs = {(r["prompt"][-1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])
+             for r in rows if r["meta"]["user"] == user}
+    b_loser = ({"left " + XSS, "right answer"} - {b_text}).pop()
+    q = "Best way to return a parcel?"
+    assert pairs == {(q, want[0], want[1]), (q, want[0], want[2]), (q, want[1], want[2]),
+                     ("Pick one", b_text, b_loser)}
 
 
 def _assignment_ids(state, username: str) -> list[int]:
