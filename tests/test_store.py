@@ -669,6 +669,11 @@ def test_cli_users_import_and_upgrade(tmp_path, capsys, monkeypatch):
     url = default_db_url(runs / "demo")
     st = Store(url)
     assert sv.authenticate(st, "rita", "from-env")["role"] == "reviewer"
+    run_cli("feedback", "users", "key", "rita", *where)
+    key = capsys.readouterr().out.strip()
+    assert sv.user_for_api_key(st, key)["username"] == "rita"
+    with pytest.raises(ChatforgeError, match="no user 'nobody'"):
+        run_cli("feedback", "users", "key", "nobody", *where)
 
     run_cli("feedback", "import", "greetings", str(data), "--kind", "prompts", *where)
     assert "imported 2 prompts into dataset 'greetings'" in capsys.readouterr().out

@@ -649,3 +649,15 @@ def test_engine_failure_is_reported_in_the_stream(tmp_path):
         hook.remove()  # the server recovers: regenerate answers the same question
         text, done = answer_of(chat(client, conv_id, None, max_tokens=8))
         assert done["user_message_id"] == events[-1]["user_message_id"] and "message_id" in done
+
+
+def test_store_api_keys_open_the_v1_api(tmp_path):
+    app, _ = build_app(tmp_path, api_keys=("sk-operator",))
+    with TestClient(app) as client:
+        state = app.state.cf
+        rita = service.create_user(state.store, "rita", PASSWORD, "reviewer")
+        key = service.create_api_key(state.store, rita["id"])
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sk-operator"}).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}x"}).status_code == 401
+        assert client.get("/v1/models").status_code == 401

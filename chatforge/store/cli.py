@@ -92,6 +92,23 @@ def cmd_users_add(args: argparse.Namespace) -> None:
     print(f"created user {user['username']!r} (id {user['id']}, role {user['role']})")
 
 
+def cmd_users_key(args: argparse.Namespace) -> None:
+    from chatforge.store.service import create_api_key, list_users
+
+    store = _open(args)
+    try:
+        user = next((u for u in list_users(store) if u["username"] == args.username), None)
+        if user is None:
+            raise ChatforgeError(f"no user {args.username!r} in {store.safe_url}; add one with "
+                                 f"`chatforge feedback users add {args.username} --role ...`")
+        key = create_api_key(store, user["id"])
+    finally:
+        store.close()
+    print(key)
+    print(f"API key for {args.username!r}: shown once, only its hash is stored. `chatforge serve` accepts it "
+          f"whenever the API asks for keys (any --api-key or CHATFORGE_API_KEY given).", file=sys.stderr)
+
+
 def cmd_users_list(args: argparse.Namespace) -> None:
     from chatforge.store.service import list_users
 
@@ -176,6 +193,10 @@ def add_feedback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                                         "note a password on the command line lands in shell history)")
     _db_args(add)
     add.set_defaults(func=cmd_users_add)
+    key = users_sub.add_parser("key", help="create an API key for a user (printed once)")
+    key.add_argument("username")
+    _db_args(key)
+    key.set_defaults(func=cmd_users_key)
     ls = users_sub.add_parser("list", help="list users")
     _db_args(ls)
     ls.set_defaults(func=cmd_users_list)
