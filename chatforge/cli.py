@@ -184,15 +184,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     from chatforge.pipeline import finetune_stages, run_finetune
     from chatforge.run import RunDir
+    from chatforge.train.dist import dist_from_env, shutdown_distributed
 
     extra = [f"{args.stage}.{split}_data={json.dumps(v)}" for split, v in
              (("train", args.train), ("val", args.val), ("test", args.test)) if v]
     cfg = _config(args, extra)
+    dist = dist_from_env()  # under torchrun: data-parallel; rank 0 evaluates, writes and reports
     t0 = time.perf_counter()
-    metrics = run_finetune(cfg, args.stage, resume=args.resume)
-    stage = next(s for s in finetune_stages() if s.name == args.stage)
-    RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
-    _print_finetune_report(cfg, [args.stage])
+    try:
+        metrics = run_finetune(cfg, args.stage, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if dist.is_main:
+        stage = next(s for s in finetune_stages() if s.name == args.stage)
+        RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
+        _print_finetune_report(cfg, [args.stage])
 
 
 def _print_finetune_report(cfg: RunConfig, sections: list[str]) -> None:

@@ -237,14 +237,20 @@ class RunConfig:
 # Presets are overrides on top of the dataclass defaults, written as --set keys.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, minutes: a small corpus and vocabulary.
-    # The context is 512 tokens because support conversations (record + turns) need it. Heads are
-    # 64-dim: with QK-norm the attention logits are bounded by sqrt(head_dim), and 32-dim heads
-    # cannot attend sharply enough over hundreds of tokens to copy facts from the order record.
+    # The context is 512 tokens because support conversations (record + turns) need it.
+    # No QK-norm: parameter-free QK-norm bounds every attention logit by sqrt(head_dim), too flat
+    # for a head to pick one token (the order's status) out of a ~300-token record; without it
+    # the tiny chat model learns that lookup (held-out status accuracy 67% vs 44% with QK-norm,
+    # same steps). No logit soft-cap either, so the model still exports exactly to a Llama-style
+    # transformers model. 4 heads of 32 learn the lookup, 2 heads of 64 did not (44%). SFT gets
+    # 1000 steps at the pre-training LR: the lookup only forms after ~500.
     "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096,
-             "model.depth": 4, "model.n_embd": 128, "model.n_head": 2, "model.block_size": 512,
+             "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 512,
+             "model.qk_norm": False, "model.logit_softcap": 0.0,
              "pretrain.batch_size": 4, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
              "pretrain.eval_every": 100, "pretrain.checkpoint_every": 250, "pretrain.eval_batches": 10,
-             "sft.batch_size": 4, "sft.max_steps": 500, "sft.eval_every": 250, "sft.eval_batches": 10,
+             "sft.batch_size": 4, "sft.max_steps": 1000, "sft.lr": 3e-3, "sft.eval_every": 250,
+             "sft.eval_batches": 10, "sft.checkpoint_every": 500, "sft.eval_generate": 128,
              "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125},
     # CPU, about half an hour end to end.
     "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
@@ -458,8 +464,6 @@ def validate(cfg: RunConfig) -> None:
     validate_train(cfg.pretrain, "pretrain")
     for sec in ("sft", "translate", "sentiment", "intent", "tagging"):
         validate_finetune(getattr(cfg, sec), sec)
-    _check(cfg.tagging.replay == 0, "tagging.replay", "replay is not available for the tagging stage yet; use "
-           "backbone_lr_scale or LoRA to limit forgetting")
     for sec in ("sft", "translate"):
         _check(getattr(cfg, sec).eval_generate >= 0, f"{sec}.eval_generate", "must be >= 0")
         _check(getattr(cfg, sec).max_new_tokens >= 1, f"{sec}.max_new_tokens", "must be >= 1")

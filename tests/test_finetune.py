@@ -153,9 +153,7 @@ def test_finetune_config_errors():
         load_config(overrides=["intent.pooling=max"])
 
 
-def test_tagger_learns_bio_spans(base_run, tmp_path):
-    from chatforge.finetune.tag import finetune_tagger
-
+def tagging_sets(tmp_path, **kw):
     rng = random.Random(2)
     colors, items = ["red", "blue", "green"], ["mug", "lamp", "scarf"]
     for split, m in (("train", 200), ("val", 30), ("test", 30)):
@@ -168,6 +166,13 @@ def test_tagger_learns_bio_spans(base_run, tmp_path):
     sets = [f"tagging.{s}_data={json.dumps(str(tmp_path / f'{s}.jsonl'))}" for s in ("train", "val", "test")] + [
         "tagging.max_steps=80", "tagging.eval_every=0", "tagging.dtype=fp32", "tagging.lr=3e-3",
         "tagging.checkpoint_every=0", "tagging.forgetting_batches=2", "tagging.batch_size=16"]
+    return sets + [f"tagging.{k}={v}" for k, v in kw.items()]
+
+
+def test_tagger_learns_bio_spans(base_run, tmp_path):
+    from chatforge.finetune.tag import finetune_tagger
+
+    sets = tagging_sets(tmp_path)
     metrics = finetune_tagger(cfg_for(base_run, *sets), progress=False)
     assert metrics["test_entity_f1"] > 0.9, metrics
     assert set(metrics["per_type"]) == {"COLOR", "PRODUCT"}
@@ -205,3 +210,79 @@ def test_replay_limits_forgetting(base_run, tmp_path):
                                    "sentiment", progress=False)
     assert replayed["test_accuracy"] > 0.8, replayed["test_accuracy"]
     assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"]
+
+
+def test_tagger_replay_limits_forgetting(base_run, tmp_path):
+    from chatforge.finetune.tag import finetune_tagger
+
+    plain = finetune_tagger(cfg_for(base_run, *tagging_sets(tmp_path)), progress=False)
+    replayed = finetune_tagger(cfg_for(base_run, *tagging_sets(tmp_path, replay=0.3)), progress=False)
+    assert replayed["test_entity_f1"] > 0.9, replayed
+    assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"], (plain, replayed)
+
+
+def test_sft_replay_runs_and_limits_forgetting(base_run, tmp_path):
+    data = write_chats(tmp_path)
+    sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
+        "sft.max_steps=60", "sft.eval_every=0", "sft.dtype=fp32", "sft.lr=3e-3", "sft.checkpoint_every=0",
+        "sft.forgetting_batches=2", "sft.eval_generate=4", "sft.max_new_tokens=8"]
+    plain = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
+    replayed = finetune_chat(cfg_for(base_run, *sets, "sft.replay=0.3"), "sft", progress=False)
+    assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"], (plain, replayed)
+
+
+# --------------------------------------------------------------------------- data-parallel fine-tuning
+
+def _finetune_cli(runs: Path, name: str, stage: str, *sets: str, nproc: int = 1, port: int = 0) -> list[str]:
+    import sys
+
+    args = ["-m", "chatforge", "finetune", stage, "--runs-dir", str(runs), "--name", name]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+            *args]
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from chatforge.train.checkpoint import load_weights_file
+
+    return load_weights_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage,port", [("sft", 29541), ("sentiment", 29542), ("tagging", 29543)])
+def test_ddp_two_processes_match_one(base_run, tmp_path, stage, port):
+    """torchrun with 2 ranks of batch B/2 ends with the weights of one process with batch B."""
+    import os
+    import shutil
+    import subprocess
+
+    if stage == "sft":
+        data = write_chats(tmp_path)
+        sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
+            "sft.max_steps=6", "sft.eval_every=0", "sft.lr=3e-3", "sft.forgetting_batches=1", "sft.eval_generate=2",
+            "sft.max_new_tokens=4", "sft.replay=0.2", "sft.pack=false"]
+    elif stage == "sentiment":
+        sets = classify_sets(write_sentiment(tmp_path), max_steps=6, replay=0.2)
+    else:
+        sets = tagging_sets(tmp_path, max_steps=6, replay=0.2)
+    sets = [s for s in sets if not s.startswith(f"{stage}.batch_size=")] + [f"{stage}.dtype=fp32",
+                                                                             f"{stage}.checkpoint_every=0"]
+    runs = tmp_path / "runs"
+    for name in ("one", "two"):
+        shutil.copytree(base_run / "r", runs / name, ignore=shutil.ignore_patterns("finetune"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    one = subprocess.run(_finetune_cli(runs, "one", stage, *sets, f"{stage}.batch_size=8"), env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_finetune_cli(runs, "two", stage, *sets, f"{stage}.batch_size=4", nproc=2, port=port),
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trainable params") == 1  # one report, from rank 0
+    a, b = _weights(runs / "one" / "finetune" / stage / "model"), _weights(runs / "two" / "finetune" / stage / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=lambda m, k=k: f"{stage} {k}: {m}")
+    ev = json.loads((runs / "two" / "finetune" / stage / "eval.json").read_text())
+    assert ev["steps"] == 6

@@ -42,6 +42,7 @@ from chatforge.io import write_json
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ClassifierHead, GPTWithHead
 from chatforge.train.checkpoint import load_model_weights, load_tokenizer_of, read_model_config, save_model
+from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
 from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
 
@@ -104,12 +105,15 @@ def collate(examples: list[Labelled], pad_id: int, device: torch.device) -> dict
 class ClassifyBatches:
     """Endless shuffled batches of labelled texts."""
 
-    def __init__(self, data: LabelledSet, batch_size: int, seed: int, pad_id: int, device: torch.device):
+    def __init__(self, data: LabelledSet, batch_size: int, seed: int, pad_id: int, device: torch.device,
+                 dist: DistInfo | None = None):
         self.data, self.batch_size, self.pad_id, self.device = data, batch_size, pad_id, device
+        self.dist = dist or DistInfo()
         self.order = EpochShuffler(len(data.examples), seed)
 
     def __next__(self) -> dict[str, Any]:
-        return collate([self.data.examples[i] for i in self.order.take(self.batch_size)], self.pad_id, self.device)
+        ids = self.order.take_rank(self.batch_size, self.dist)
+        return collate([self.data.examples[i] for i in ids], self.pad_id, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return self.order.state_dict()
@@ -131,11 +135,16 @@ def predict(model: GPTWithHead, data: LabelledSet, pad_id: int, device: torch.de
     return preds, total / max(1, len(data.examples))
 
 
-def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune a classifier for ``section`` (a ``ClassifyConfig`` section of the run config)."""
+def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True,
+                        dist: DistInfo | None = None) -> dict[str, Any]:
+    """Fine-tune a classifier for ``section`` (a ``ClassifyConfig`` section of the run config).
+
+    Under ``torchrun`` each rank trains on its slice of every batch (DDP); rank 0 alone
+    evaluates on the test set and writes; the other ranks return ``{}``."""
     f: ClassifyConfig = getattr(cfg, section)
     out = stage_dir(cfg, section)
-    device = resolve_device(f.device)
+    dist = dist or dist_from_env()
+    device = init_distributed(dist, resolve_device(f.device))
     precision = resolve_precision(f.dtype, device)
     seed_everything(f.seed)
     backbone, tok = load_base(cfg, device)
@@ -156,7 +165,7 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
     # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
     avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
     replay_rows = max(1, round(avg_len * f.batch_size / backbone.config.block_size))
-    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed) if f.replay > 0 else None
+    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
 
     def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         ce = F.cross_entropy(m(batch["idx"], batch["attention_mask"]), batch["labels"])
@@ -172,15 +181,17 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
 
     task = TrainTask(
         name=section, model=model, tokenizer=tok,
-        batches=WithReplay(ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device), replay,
-                            device),
+        batches=WithReplay(ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist),
+                            replay, device),
         loss=loss, tokens_per_micro_batch=max(1, round(avg_len * f.batch_size)), evaluate=evaluate,
         meta={"task": "classify", "labels": labels, "pooling": f.pooling}, backbone=backbone,
         param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale),
     )
     t0 = time.perf_counter()
-    result = train(task, f, out, precision, resume=resume, section=section, progress=progress)
+    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
+    if not dist.is_main:
+        return {}
 
     model.eval()
     preds, test_loss = predict(model, sets["test"], tok.pad_id, device)

@@ -24,6 +24,7 @@ from chatforge.eval.lm import evaluate_lm, token_byte_lengths
 from chatforge.finetune.peft import apply_lora, format_param_summary, freeze, param_summary
 from chatforge.model.gpt import GPT, param_groups
 from chatforge.train.checkpoint import load_model
+from chatforge.train.dist import DistInfo, dist_from_env
 from chatforge.train.precision import Precision
 
 # The SupportWorld set each fine-tuning stage reads when its *_data fields are empty.
@@ -75,7 +76,8 @@ def adapt(model: nn.Module, f: FinetuneConfig, section: str, keep_trainable: tup
     else:
         method = "full"
     summary = {**param_summary(model), "method": method}
-    print(f"{section}: {method}; {format_param_summary(summary)}")
+    if dist_from_env().is_main:  # every rank adapts its copy; one line is enough
+        print(f"{section}: {method}; {format_param_summary(summary)}")
     return summary
 
 
@@ -114,8 +116,11 @@ class PretrainData:
                                  "run the data stages first")
         return cls(train, val)
 
-    def replay_loader(self, block_size: int, batch_size: int, seed: int) -> TokenLoader:
-        return TokenLoader(self.train, block_size, batch_size, seed=seed)
+    def replay_loader(self, block_size: int, batch_size: int, seed: int, dist: DistInfo | None = None
+                      ) -> TokenLoader:
+        """Replay blocks; under DDP each rank reads its own slice of the same global stream."""
+        dist = dist or DistInfo()
+        return TokenLoader(self.train, block_size, batch_size, seed=seed, rank=dist.rank, world_size=dist.world_size)
 
     def heldout_loss(self, backbone: GPT, tok: Any, batches: int, precision: Precision) -> dict[str, float]:
         """The backbone's held-out next-token metrics on the pre-training validation split."""
@@ -170,6 +175,12 @@ class EpochShuffler:
 
     def _make(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take_rank(self, k: int, dist: DistInfo) -> list[int]:
+        """This rank's ``k`` of the next ``k * world_size`` indices: N ranks with batch k see exactly
+        the examples one process with batch N * k sees, so a DDP run matches a single-process one."""
+        ids = self.take(k * dist.world_size)
+        return ids[dist.rank * k:(dist.rank + 1) * k]
 
     def take(self, k: int) -> list[int]:
         out = []

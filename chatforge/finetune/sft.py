@@ -43,6 +43,7 @@ from chatforge.io import write_json, write_jsonl
 from chatforge.model.generate import generate
 from chatforge.model.gpt import GPT
 from chatforge.train.checkpoint import save_model
+from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
 from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
 
@@ -122,11 +123,16 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     return metrics, rows
 
 
-def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Chat SFT (``sft``) or a prompt -> completion task (``translate``) from the pre-trained model."""
+def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True,
+                  dist: DistInfo | None = None) -> dict[str, Any]:
+    """Chat SFT (``sft``) or a prompt -> completion task (``translate``) from the pre-trained model.
+
+    Under ``torchrun`` each rank trains on its slice of every batch (DDP); rank 0 alone
+    generates the held-out answers and writes; the other ranks return ``{}``."""
     f: ChatTuneConfig = getattr(cfg, section)
     out = stage_dir(cfg, section)
-    device = resolve_device(f.device)
+    dist = dist or dist_from_env()
+    device = init_distributed(dist, resolve_device(f.device))
     precision = resolve_precision(f.dtype, device)
     seed_everything(f.seed)
     model, tok = load_base(cfg, device)
@@ -138,7 +144,7 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
     val_ex, val_stats = load_chat_examples(sources["val"], tok, max_tokens)
     if not train_ex:
         raise ChatforgeError(f"{sources['train']}: no usable conversations ({train_stats.summary()})")
-    for name, stats in (("train", train_stats), ("val", val_stats)):
+    for name, stats in (("train", train_stats), ("val", val_stats)) if dist.is_main else ():
         print(f"{section} {name}: {stats.summary()}")
         for w in stats.warnings[:3]:
             print(f"  warning: {w}")
@@ -146,13 +152,15 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
     params = adapt(model, f, section, keep_trainable=("lm_head",) if f.lora_r else ())
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
-    replay = pre.replay_loader(block, f.batch_size, f.seed) if f.replay > 0 else None
-    chats = ChatBatches(train_ex, block, f.batch_size, seed=f.seed, pack=f.pack, pad_id=tok.pad_id)
+    replay = pre.replay_loader(block, f.batch_size, f.seed, dist) if f.replay > 0 else None
+    chats = ChatBatches(train_ex, block, f.batch_size, seed=f.seed, pack=f.pack, pad_id=tok.pad_id, rank=dist.rank,
+                        world_size=dist.world_size)
 
     def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        value = chat_loss(m, batch)
+        value = chat_loss(m, {k: v for k, v in batch.items() if k != "lm"})  # "lm": the replay block pair
         if "lm" in batch:
-            value = (1 - f.replay) * value + f.replay * m(*batch["lm"])[1]
+            # through the unwrapped model: a second forward of the DDP wrapper before backward is not allowed
+            value = (1 - f.replay) * value + f.replay * model(*batch["lm"])[1]
         return value
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -175,8 +183,10 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
         if f.backbone_lr_scale != 1.0 and f.lora_r == 0 else None,
     )
     t0 = time.perf_counter()
-    result = train(task, f, out, precision, resume=resume, section=section, progress=progress)
+    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
+    if not dist.is_main:
+        return {}
 
     merge_lora(model)
     after = pre.heldout_loss(model, tok, f.forgetting_batches, precision)

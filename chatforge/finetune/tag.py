@@ -27,6 +27,7 @@ from chatforge.eval.metrics import bio_entities, entity_f1
 from chatforge.finetune.common import (
     EpochShuffler,
     PretrainData,
+    WithReplay,
     adapt,
     data_sources,
     forgetting,
@@ -38,6 +39,7 @@ from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json
 from chatforge.model.gpt import GPT
 from chatforge.train.checkpoint import save_model
+from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
 from chatforge.train.loop import TrainTask, seed_everything, train
 from chatforge.train.precision import resolve_device, resolve_precision
 
@@ -114,12 +116,15 @@ def collate(examples: list[Tagged], pad_id: int, device: torch.device) -> dict[s
 
 
 class TagBatches:
-    def __init__(self, data: list[Tagged], batch_size: int, seed: int, pad_id: int, device: torch.device):
+    def __init__(self, data: list[Tagged], batch_size: int, seed: int, pad_id: int, device: torch.device,
+                 dist: DistInfo | None = None):
         self.data, self.batch_size, self.pad_id, self.device = data, batch_size, pad_id, device
+        self.dist = dist or DistInfo()
         self.order = EpochShuffler(len(data), seed)
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        return collate([self.data[i] for i in self.order.take(self.batch_size)], self.pad_id, self.device)
+        return collate([self.data[i] for i in self.order.take_rank(self.batch_size, self.dist)], self.pad_id,
+                       self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return self.order.state_dict()
@@ -147,11 +152,13 @@ def gold_tags(data: list[Tagged], tags: list[str]) -> list[list[str]]:
     return [[tags[t] for t in e.targets if t != -1] for e in data]
 
 
-def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = False, progress: bool = True
-                    ) -> dict[str, Any]:
+def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = False, progress: bool = True,
+                    dist: DistInfo | None = None) -> dict[str, Any]:
+    """Fine-tune a BIO tagger; under ``torchrun`` data-parallel, rank 0 alone tests and writes."""
     f: TagConfig = getattr(cfg, section)
     out = stage_dir(cfg, section)
-    device = resolve_device(f.device)
+    dist = dist or dist_from_env()
+    device = init_distributed(dist, resolve_device(f.device))
     precision = resolve_precision(f.dtype, device)
     seed_everything(f.seed)
     backbone, tok = load_base(cfg, device)
@@ -168,24 +175,33 @@ def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = Fal
     params = adapt(model, f, section, keep_trainable=("head",))
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
+    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
+    avg = sum(len(e.ids) for e in sets["train"]) / len(sets["train"])
+    replay_rows = max(1, round(avg * f.batch_size / backbone.config.block_size))
+    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = m(batch["idx"], batch["attention_mask"])
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-1)
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-1)
+        if "lm" in batch:
+            ce = (1 - f.replay) * ce + f.replay * backbone(*batch["lm"])[1]
+        return ce
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         r = entity_f1(gold_tags(sets["val"], tags), predict_tags(m, sets["val"], tags, tok.pad_id, device))
         return {"val_entity_f1": r["f1"], "val_token_accuracy": r["token_accuracy"]}
 
-    avg = sum(len(e.ids) for e in sets["train"]) / len(sets["train"])
     task = TrainTask(name=section, model=model, tokenizer=tok,
-                     batches=TagBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device), loss=loss,
+                     batches=WithReplay(TagBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist), replay,
+                                        device), loss=loss,
                      tokens_per_micro_batch=max(1, round(avg * f.batch_size)), evaluate=evaluate,
                      meta={"task": "tag", "tags": tags}, backbone=backbone,
                      param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale))
     t0 = time.perf_counter()
-    result = train(task, f, out, precision, resume=resume, section=section, progress=progress)
+    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
+    if not dist.is_main:
+        return {}
     model.eval()
     report = entity_f1(gold_tags(sets["test"], tags), predict_tags(model, sets["test"], tags, tok.pad_id, device))
     after = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
