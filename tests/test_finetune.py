@@ -151,6 +151,9 @@ def test_finetune_config_errors():
         load_config(overrides=["sft.lora_r=4", "sft.freeze=backbone"])
     with pytest.raises(ConfigError, match=r"intent.pooling: 'max' is not allowed"):
         load_config(overrides=["intent.pooling=max"])
+    assert load_config(overrides=["tagging.replay=0.3"]).tagging.replay == 0.3  # the tagger replays too
+    with pytest.raises(ConfigError, match=r"tagging.replay: must be in \[0, 1\)"):
+        load_config(overrides=["tagging.replay=1"])
 
 
 def tagging_sets(tmp_path, **kw):
@@ -251,8 +254,10 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_weights_file(model_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("stage,port", [("sft", 29541), ("sentiment", 29542), ("tagging", 29543)])
-def test_ddp_two_processes_match_one(base_run, tmp_path, stage, port):
+# sentiment runs without replay: then the backbone's LM head gets no gradient, which DDP must be told about
+@pytest.mark.parametrize("stage,replay,port", [("sft", 0.2, 29541), ("sentiment", 0.0, 29542),
+                                               ("intent", 0.2, 29544), ("tagging", 0.2, 29543)])
+def test_ddp_two_processes_match_one(base_run, tmp_path, stage, replay, port):
     """torchrun with 2 ranks of batch B/2 ends with the weights of one process with batch B."""
     import os
     import shutil
@@ -262,11 +267,12 @@ def test_ddp_two_processes_match_one(base_run, tmp_path, stage, port):
         data = write_chats(tmp_path)
         sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
             "sft.max_steps=6", "sft.eval_every=0", "sft.lr=3e-3", "sft.forgetting_batches=1", "sft.eval_generate=2",
-            "sft.max_new_tokens=4", "sft.replay=0.2", "sft.pack=false"]
-    elif stage == "sentiment":
-        sets = classify_sets(write_sentiment(tmp_path), max_steps=6, replay=0.2)
+            "sft.max_new_tokens=4", f"sft.replay={replay}", "sft.pack=false"]
+    elif stage in ("sentiment", "intent"):
+        # intent reads the same {"text","label"} rows; what differs is the section and its defaults
+        sets = classify_sets(write_sentiment(tmp_path), stage, max_steps=6, replay=replay)
     else:
-        sets = tagging_sets(tmp_path, max_steps=6, replay=0.2)
+        sets = tagging_sets(tmp_path, max_steps=6, replay=replay)
     sets = [s for s in sets if not s.startswith(f"{stage}.batch_size=")] + [f"{stage}.dtype=fp32",
                                                                              f"{stage}.checkpoint_every=0"]
     runs = tmp_path / "runs"

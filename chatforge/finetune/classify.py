@@ -32,6 +32,7 @@ from chatforge.finetune.common import (
     WithReplay,
     adapt,
     data_sources,
+    ddp_skip_unused_lm_head,
     forgetting,
     load_base,
     scaled_param_groups,
@@ -74,7 +75,8 @@ def read_labelled(source: str | Path, text_field: str, label_field: str, split: 
 
 
 def encode_labelled(rows: list[tuple[str, str, str]], tok: Any, labels: list[str], max_len: int,
-                    source: str) -> LabelledSet:
+                    source: str, warn: bool = True) -> LabelledSet:
+    """Token ids and label indices; ``warn``: print the truncation count (off on DDP ranks other than 0)."""
     index = {lab: i for i, lab in enumerate(labels)}
     out, truncated = [], 0
     for where, text, label in rows:
@@ -85,7 +87,7 @@ def encode_labelled(rows: list[tuple[str, str, str]], tok: Any, labels: list[str
         if len(ids) > max_len:
             ids, truncated = ids[:max_len], truncated + 1
         out.append(Labelled(where, ids, index[label]))
-    if truncated:
+    if truncated and warn:
         print(f"warning: {source}: {truncated} of {len(rows)} texts were longer than {max_len} tokens and were "
               "truncated (raise max_len to keep more)")
     return LabelledSet(out, truncated)
@@ -156,16 +158,21 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
     if len(labels) < 2:
         raise DataError(f"{sources['train']}: only one label ({labels[0]!r}) in the training data; "
                         "a classifier needs at least two")
-    sets = {split: encode_labelled(r, tok, labels, max_len, sources[split]) for split, r in rows.items()}
+    sets = {split: encode_labelled(r, tok, labels, max_len, sources[split], warn=dist.is_main)
+            for split, r in rows.items()}
 
     model = GPTWithHead(backbone, ClassifierHead(backbone.config.n_embd, len(labels), f.pooling)).to(device)
-    params = adapt(model, f, section, keep_trainable=("head",))
+    params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
     # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
+    # Sized from the per-rank batch: under DDP the replay rows of all ranks add up to those of one process
+    # with the global batch whenever the rounding agrees (e.g. 2 ranks x 1 row = 1 process x 2 rows).
     avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
     replay_rows = max(1, round(avg_len * f.batch_size / backbone.config.block_size))
     replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
+    if replay is None:
+        ddp_skip_unused_lm_head(model, backbone, dist)
 
     def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         ce = F.cross_entropy(m(batch["idx"], batch["attention_mask"]), batch["labels"])
@@ -190,7 +197,7 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
     t0 = time.perf_counter()
     result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
-    if not dist.is_main:
+    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
         return {}
 
     model.eval()

@@ -64,8 +64,9 @@ def load_base(cfg: RunConfig, device: torch.device) -> tuple[GPT, Any]:
     return model, tok
 
 
-def adapt(model: nn.Module, f: FinetuneConfig, section: str, keep_trainable: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Apply the stage's LoRA or freezing; returns the parameter summary (printed and reported)."""
+def adapt(model: nn.Module, f: FinetuneConfig, section: str, keep_trainable: tuple[str, ...] = (),
+          dist: DistInfo | None = None) -> dict[str, Any]:
+    """Apply the stage's LoRA or freezing; returns the parameter summary (printed by rank 0, reported)."""
     if f.lora_r > 0:
         apply_lora(model, targets=f.lora_targets, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
                    trainable=keep_trainable)
@@ -76,7 +77,7 @@ def adapt(model: nn.Module, f: FinetuneConfig, section: str, keep_trainable: tup
     else:
         method = "full"
     summary = {**param_summary(model), "method": method}
-    if dist_from_env().is_main:  # every rank adapts its copy; one line is enough
+    if (dist or dist_from_env()).is_main:  # every rank adapts its copy; one line is enough
         print(f"{section}: {method}; {format_param_summary(summary)}")
     return summary
 
@@ -96,6 +97,22 @@ def scaled_param_groups(model: nn.Module, weight_decay: float, backbone: nn.Modu
             if params:
                 groups.append({**g, "params": params, "lr_scale": s, "name": f"{g['name']}_{tag}"})
     return groups
+
+
+def ddp_skip_unused_lm_head(model: nn.Module, backbone: GPT, dist: DistInfo) -> None:
+    """Under DDP, leave the backbone's LM head out of gradient synchronisation.
+
+    A task head reads ``forward_hidden``, so without replay the (untied) ``lm_head`` gets
+    no gradient, and DDP (which the loop builds without ``find_unused_parameters``) stops
+    at the next step waiting for it. It is never updated then, and every rank loaded the
+    same weights, so it needs no syncing. With replay it is trained and must stay in."""
+    if not dist.enabled or backbone.lm_head is None:
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    head_ids = {id(p) for p in backbone.lm_head.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in head_ids]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 @dataclass

@@ -149,7 +149,7 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
         for w in stats.warnings[:3]:
             print(f"  warning: {w}")
 
-    params = adapt(model, f, section, keep_trainable=("lm_head",) if f.lora_r else ())
+    params = adapt(model, f, section, keep_trainable=("lm_head",) if f.lora_r else (), dist=dist)
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
     replay = pre.replay_loader(block, f.batch_size, f.seed, dist) if f.replay > 0 else None
@@ -185,7 +185,7 @@ def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: 
     t0 = time.perf_counter()
     result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
-    if not dist.is_main:
+    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
         return {}
 
     merge_lora(model)

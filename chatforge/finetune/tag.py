@@ -30,6 +30,7 @@ from chatforge.finetune.common import (
     WithReplay,
     adapt,
     data_sources,
+    ddp_skip_unused_lm_head,
     forgetting,
     load_base,
     scaled_param_groups,
@@ -81,8 +82,9 @@ def read_tagged(source: str, tokens_field: str, tags_field: str) -> list[tuple[s
     return rows
 
 
-def encode_tagged(rows: list[tuple[str, list[str], list[str]]], tok: Any, tag_index: dict[str, int], max_len: int
-                  ) -> tuple[list[Tagged], int]:
+def encode_tagged(rows: list[tuple[str, list[str], list[str]]], tok: Any, tag_index: dict[str, int], max_len: int,
+                  warn: bool = True) -> tuple[list[Tagged], int]:
+    """Token ids and per-token targets; ``warn``: print the truncation count (off on DDP ranks other than 0)."""
     out, truncated = [], 0
     for where, words, tags in rows:
         ids, targets, kept = [tok.bos_id], [-1], 0
@@ -98,7 +100,7 @@ def encode_tagged(rows: list[tuple[str, list[str], list[str]]], tok: Any, tag_in
             ids.extend(pieces)
             kept += 1
         out.append(Tagged(where, ids, targets, kept))
-    if truncated:
+    if truncated and warn:
         print(f"warning: {truncated} of {len(rows)} sentences were longer than {max_len} tokens and were truncated")
     return out, truncated
 
@@ -169,16 +171,19 @@ def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = Fal
     tag_index = {t: i for i, t in enumerate(tags)}
     sets, truncated = {}, {}
     for s, r in rows.items():
-        sets[s], truncated[s] = encode_tagged(r, tok, tag_index, max_len)
+        sets[s], truncated[s] = encode_tagged(r, tok, tag_index, max_len, warn=dist.is_main)
 
     model = TokenTagger(backbone, len(tags)).to(device)
-    params = adapt(model, f, section, keep_trainable=("head",))
+    params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
+    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one),
+    # sized from the per-rank batch exactly as classify.py does (see there for DDP).
     avg = sum(len(e.ids) for e in sets["train"]) / len(sets["train"])
     replay_rows = max(1, round(avg * f.batch_size / backbone.config.block_size))
     replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
+    if replay is None:
+        ddp_skip_unused_lm_head(model, backbone, dist)
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = m(batch["idx"], batch["attention_mask"])
@@ -192,15 +197,15 @@ def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = Fal
         return {"val_entity_f1": r["f1"], "val_token_accuracy": r["token_accuracy"]}
 
     task = TrainTask(name=section, model=model, tokenizer=tok,
-                     batches=WithReplay(TagBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist), replay,
-                                        device), loss=loss,
+                     batches=WithReplay(TagBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist),
+                                        replay, device), loss=loss,
                      tokens_per_micro_batch=max(1, round(avg * f.batch_size)), evaluate=evaluate,
                      meta={"task": "tag", "tags": tags}, backbone=backbone,
                      param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale))
     t0 = time.perf_counter()
     result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
     wall = time.perf_counter() - t0
-    if not dist.is_main:
+    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
         return {}
     model.eval()
     report = entity_f1(gold_tags(sets["test"], tags), predict_tags(model, sets["test"], tags, tok.pad_id, device))
