@@ -115,11 +115,17 @@ def write_chats(d):
     return {s: str(d / f"{s}.jsonl") for s in ("train", "val", "test")}
 
 
+def chat_sets(data, **kw):
+    """--set overrides for an SFT run on ``write_chats`` data; ``kw`` adds or replaces ``sft.*`` values."""
+    base = {"max_steps": 400, "eval_every": 0, "dtype": "fp32", "lr": 3e-3, "checkpoint_every": 0,
+            "forgetting_batches": 2, "eval_generate": 20, "max_new_tokens": 24}
+    return [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
+        f"sft.{k}={v}" for k, v in {**base, **kw}.items()]
+
+
 def test_sft_learns_to_answer_from_the_record_and_end_its_turn(base_run, tmp_path):
     data = write_chats(tmp_path)
-    sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
-        "sft.max_steps=400", "sft.eval_every=0", "sft.dtype=fp32", "sft.lr=3e-3", "sft.checkpoint_every=0",
-        "sft.forgetting_batches=2", "sft.eval_generate=20", "sft.max_new_tokens=24"]
+    sets = chat_sets(data)
     metrics = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
     assert metrics["generated"] == 20 and metrics["status_checked"] == 20
     assert metrics["test_status_correct"] >= 0.8, metrics
@@ -225,10 +231,7 @@ def test_tagger_replay_limits_forgetting(base_run, tmp_path):
 
 
 def test_sft_replay_runs_and_limits_forgetting(base_run, tmp_path):
-    data = write_chats(tmp_path)
-    sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
-        "sft.max_steps=60", "sft.eval_every=0", "sft.dtype=fp32", "sft.lr=3e-3", "sft.checkpoint_every=0",
-        "sft.forgetting_batches=2", "sft.eval_generate=4", "sft.max_new_tokens=8"]
+    sets = chat_sets(write_chats(tmp_path), max_steps=60, eval_generate=4, max_new_tokens=8)
     plain = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
     replayed = finetune_chat(cfg_for(base_run, *sets, "sft.replay=0.3"), "sft", progress=False)
     assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"], (plain, replayed)
@@ -264,10 +267,8 @@ def test_ddp_two_processes_match_one(base_run, tmp_path, stage, replay, port):
     import subprocess
 
     if stage == "sft":
-        data = write_chats(tmp_path)
-        sets = [f"sft.{k}_data={json.dumps(v)}" for k, v in data.items()] + [
-            "sft.max_steps=6", "sft.eval_every=0", "sft.lr=3e-3", "sft.forgetting_batches=1", "sft.eval_generate=2",
-            "sft.max_new_tokens=4", f"sft.replay={replay}", "sft.pack=false"]
+        sets = chat_sets(write_chats(tmp_path), max_steps=6, forgetting_batches=1, eval_generate=2, max_new_tokens=4,
+                         replay=replay, pack="false")
     elif stage in ("sentiment", "intent"):
         # intent reads the same {"text","label"} rows; what differs is the section and its defaults
         sets = classify_sets(write_sentiment(tmp_path), stage, max_steps=6, replay=replay)
