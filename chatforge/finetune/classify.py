@@ -27,16 +27,16 @@ from chatforge.data.records import field_of, iter_records
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.eval.metrics import classification_report, format_confusion
 from chatforge.finetune.common import (
-    EpochShuffler,
     PretrainData,
+    ShuffledBatches,
     WithReplay,
     adapt,
     data_sources,
-    ddp_skip_unused_lm_head,
     forgetting,
     load_base,
     scaled_param_groups,
     stage_dir,
+    task_replay,
 )
 from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json
@@ -104,26 +104,6 @@ def collate(examples: list[Labelled], pad_id: int, device: torch.device) -> dict
     return {"idx": idx.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-class ClassifyBatches:
-    """Endless shuffled batches of labelled texts."""
-
-    def __init__(self, data: LabelledSet, batch_size: int, seed: int, pad_id: int, device: torch.device,
-                 dist: DistInfo | None = None):
-        self.data, self.batch_size, self.pad_id, self.device = data, batch_size, pad_id, device
-        self.dist = dist or DistInfo()
-        self.order = EpochShuffler(len(data.examples), seed)
-
-    def __next__(self) -> dict[str, Any]:
-        ids = self.order.take_rank(self.batch_size, self.dist)
-        return collate([self.data.examples[i] for i in ids], self.pad_id, self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.order.load_state_dict(s)
-
-
 @torch.no_grad()
 def predict(model: GPTWithHead, data: LabelledSet, pad_id: int, device: torch.device, batch_size: int = 64
             ) -> tuple[list[int], float]:
@@ -165,14 +145,8 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
     params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one).
-    # Sized from the per-rank batch: under DDP the replay rows of all ranks add up to those of one process
-    # with the global batch whenever the rounding agrees (e.g. 2 ranks x 1 row = 1 process x 2 rows).
     avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
-    replay_rows = max(1, round(avg_len * f.batch_size / backbone.config.block_size))
-    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
-    if replay is None:
-        ddp_skip_unused_lm_head(model, backbone, dist)
+    replay = task_replay(pre, model, backbone, f, avg_len * f.batch_size, dist)
 
     def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         ce = F.cross_entropy(m(batch["idx"], batch["attention_mask"]), batch["labels"])
@@ -188,8 +162,8 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
 
     task = TrainTask(
         name=section, model=model, tokenizer=tok,
-        batches=WithReplay(ClassifyBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist),
-                            replay, device),
+        batches=WithReplay(ShuffledBatches(sets["train"].examples, f.batch_size, f.seed,
+                                           lambda ex: collate(ex, tok.pad_id, device), dist), replay, device),
         loss=loss, tokens_per_micro_batch=max(1, round(avg_len * f.batch_size)), evaluate=evaluate,
         meta={"task": "classify", "labels": labels, "pooling": f.pooling}, backbone=backbone,
         param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale),

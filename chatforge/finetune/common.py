@@ -8,6 +8,7 @@ the price paid in general ability is a number in every report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,21 @@ def ddp_skip_unused_lm_head(model: nn.Module, backbone: GPT, dist: DistInfo) -> 
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
+def task_replay(pre: PretrainData, model: nn.Module, backbone: GPT, f: FinetuneConfig, tokens_per_batch: float,
+                dist: DistInfo) -> TokenLoader | None:
+    """Replay blocks for a task-head stage (classify, tag), or None when ``f.replay`` is 0.
+
+    About as many pre-training tokens per step as the task batch holds (whole blocks, at least
+    one), sized from the per-rank batch: under DDP the ranks' rows add up to those of one process
+    with the global batch whenever the rounding agrees (e.g. 2 ranks x 1 row = 1 process x 2 rows).
+    Without replay the LM head gets no gradient, so DDP is told to skip it."""
+    if f.replay <= 0:
+        ddp_skip_unused_lm_head(model, backbone, dist)
+        return None
+    block = backbone.config.block_size
+    return pre.replay_loader(block, max(1, round(tokens_per_batch / block)), f.seed, dist)
+
+
 @dataclass
 class PretrainData:
     """The run's pre-training shards: for replay batches and the forgetting measure."""
@@ -179,6 +195,26 @@ def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, f
         "pretrain_val_ppl_before": before["val_ppl"], "pretrain_val_ppl_after": after["val_ppl"],
         "forgetting_ppl_change_pct": 100.0 * (after["val_ppl"] / before["val_ppl"] - 1.0),
     }
+
+
+class ShuffledBatches:
+    """Endless shuffled batches of task examples (classification, tagging): a resumable
+    ``EpochShuffler`` order, this rank's slice of each global batch, made into tensors by ``collate``."""
+
+    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Callable[[list[Any]], dict[str, Any]],
+                 dist: DistInfo | None = None):
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.dist = dist or DistInfo()
+        self.order = EpochShuffler(len(examples), seed)
+
+    def __next__(self) -> dict[str, Any]:
+        return self.collate([self.examples[i] for i in self.order.take_rank(self.batch_size, self.dist)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.order.load_state_dict(s)
 
 
 class EpochShuffler:

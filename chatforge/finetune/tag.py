@@ -25,16 +25,16 @@ from chatforge.data.records import field_of, iter_records
 from chatforge.errors import DataError
 from chatforge.eval.metrics import bio_entities, entity_f1
 from chatforge.finetune.common import (
-    EpochShuffler,
     PretrainData,
+    ShuffledBatches,
     WithReplay,
     adapt,
     data_sources,
-    ddp_skip_unused_lm_head,
     forgetting,
     load_base,
     scaled_param_groups,
     stage_dir,
+    task_replay,
 )
 from chatforge.finetune.peft import merge_lora
 from chatforge.io import write_json
@@ -117,24 +117,6 @@ def collate(examples: list[Tagged], pad_id: int, device: torch.device) -> dict[s
     return {"idx": idx.to(device), "targets": targets.to(device), "attention_mask": mask.to(device)}
 
 
-class TagBatches:
-    def __init__(self, data: list[Tagged], batch_size: int, seed: int, pad_id: int, device: torch.device,
-                 dist: DistInfo | None = None):
-        self.data, self.batch_size, self.pad_id, self.device = data, batch_size, pad_id, device
-        self.dist = dist or DistInfo()
-        self.order = EpochShuffler(len(data), seed)
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return collate([self.data[i] for i in self.order.take_rank(self.batch_size, self.dist)], self.pad_id,
-                       self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.order.load_state_dict(s)
-
-
 @torch.no_grad()
 def predict_tags(model: TokenTagger, data: list[Tagged], tags: list[str], pad_id: int, device: torch.device,
                  batch_size: int = 64) -> list[list[str]]:
@@ -177,13 +159,8 @@ def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = Fal
     params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
     pre = PretrainData.of(cfg)
     before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    # Replay about as many pre-training tokens per step as the task batch holds (whole blocks, at least one),
-    # sized from the per-rank batch exactly as classify.py does (see there for DDP).
     avg = sum(len(e.ids) for e in sets["train"]) / len(sets["train"])
-    replay_rows = max(1, round(avg * f.batch_size / backbone.config.block_size))
-    replay = pre.replay_loader(backbone.config.block_size, replay_rows, f.seed, dist) if f.replay > 0 else None
-    if replay is None:
-        ddp_skip_unused_lm_head(model, backbone, dist)
+    replay = task_replay(pre, model, backbone, f, avg * f.batch_size, dist)
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = m(batch["idx"], batch["attention_mask"])
@@ -197,7 +174,8 @@ def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = Fal
         return {"val_entity_f1": r["f1"], "val_token_accuracy": r["token_accuracy"]}
 
     task = TrainTask(name=section, model=model, tokenizer=tok,
-                     batches=WithReplay(TagBatches(sets["train"], f.batch_size, f.seed, tok.pad_id, device, dist),
+                     batches=WithReplay(ShuffledBatches(sets["train"], f.batch_size, f.seed,
+                                                        lambda ex: collate(ex, tok.pad_id, device), dist),
                                         replay, device), loss=loss,
                      tokens_per_micro_batch=max(1, round(avg * f.batch_size)), evaluate=evaluate,
                      meta={"task": "tag", "tags": tags}, backbone=backbone,
