@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
 
 from chatforge.config import load_config
-from chatforge.pipeline import run_finetune
+from chatforge.paths import RunPaths
+from chatforge.stages import finetune_stages, get_stage
+from chatforge.train.stage import run_stage
 
 VARIANTS = {
     "full": [],
@@ -32,25 +33,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="default", help="run name under --runs-dir")
     ap.add_argument("--runs-dir", default="runs")
-    ap.add_argument("--stage", default="sentiment", choices=["sentiment", "intent", "tagging", "sft", "translate"])
+    ap.add_argument("--stage", default="sentiment", choices=[d.name for d in finetune_stages()])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE overrides")
     args = ap.parse_args()
 
     rows = []
-    out_dir = Path(args.runs_dir) / args.name / "finetune" / f"compare-{args.stage}"
+    stage_out = RunPaths.of(args.runs_dir, args.name).stage(get_stage(args.stage).subdir)
+    out_dir = stage_out.root.parent / f"compare-{args.stage}"
     out_dir.mkdir(parents=True, exist_ok=True)
     for variant in args.variants:
         sets = VARIANTS[variant]
         overrides = [f"name={json.dumps(args.name)}", f"runs_dir={json.dumps(args.runs_dir)}", *args.overrides,
                      *(f"{args.stage}.{s}" for s in sets)]
         cfg = load_config(overrides=overrides)
-        metrics = run_finetune(cfg, args.stage)
-        shutil.copy(Path(args.runs_dir) / args.name / "finetune" / args.stage / "eval.json", out_dir / f"{variant}.json")
-        metric_name = next(k for k in ("test_accuracy", "test_entity_f1", "test_status_correct", "test_bleu")
-                           if k in metrics)
-        rows.append((variant, metrics["trainable_params"], metrics["total_params"], metrics["wall_time_s"],
-                     metric_name, metrics[metric_name], metrics["forgetting_ppl_change_pct"]))
+        ev = run_stage(cfg, args.stage)
+        shutil.copy(stage_out.eval, out_dir / f"{variant}.json")
+        train = ev["train"]
+        rows.append((variant, train["trainable_params"], train["total_params"], ev["wall_time_s"],
+                     ev["primary"]["name"], ev["primary"]["value"], ev["metrics"]["forgetting_ppl_change_pct"]))
 
     print(f"\n{args.stage}: full fine-tuning vs LoRA vs frozen backbone ({args.name})")
     print(f"| method | trainable params | wall time (s) | {rows[0][4]} | pre-training ppl change |")

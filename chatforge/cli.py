@@ -4,11 +4,14 @@
     chatforge data generate|collect|clean|shard [-c CONFIG] [--set k=v ...]
     chatforge tokenizer train [-c CONFIG] [--set k=v ...]
     chatforge tokenizer encode TOKENIZER_DIR TEXT
-    chatforge pretrain [-c CONFIG] [--set k=v ...] [--resume]     (also under torchrun)
-    chatforge finetune sft|sentiment|intent|translate|tagging [--train F --val F --test F] [--set k=v ...] [--resume]
-    chatforge sample [MODEL_DIR] [--prompt TEXT ...] [sampling flags]
-    chatforge chat [MODEL_DIR] [--system TEXT] [sampling flags]
-    chatforge eval perplexity [MODEL_DIR] [--text SOURCE | --shards FILE ...]
+    chatforge pretrain [-c CONFIG] [--set k=v ...] [--init-from MODEL] [--resume]     (also under torchrun)
+    chatforge finetune STAGE [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
+    chatforge sample [MODEL] [--name RUN] [--prompt TEXT ...] [sampling flags]
+    chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
+    chatforge eval perplexity|prompt-classify [MODEL] [--name RUN] ...
+
+MODEL is a model directory or a stage of the run (sft, pretrain, ...); every command that
+reads a run takes --name/--runs-dir.
     chatforge config show [CONFIG] [--set k=v ...]
 """
 
@@ -28,6 +31,7 @@ from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
 from chatforge.serve.cli import add_serve_parser
+from chatforge.stages import finetune_stages
 from chatforge.store.cli import add_feedback_parser
 
 console = Console(highlight=False)
@@ -85,33 +89,36 @@ def _run(cfg: RunConfig, only: list[str] | None, force: list[str]) -> None:
     for r in results:
         table.add_row(r.name, r.status, f"{r.wall_time_s:.1f}", _fmt_metrics(r.metrics, limit=6))
     console.print(table)
-    _print_pretrain_report(cfg)
-    from chatforge.pipeline import FINETUNE_STAGES
-
-    _print_finetune_report(cfg, list(FINETUNE_STAGES))
+    _print_reports(cfg)
     _print_outputs(cfg)
 
 
-def _print_pretrain_report(cfg: RunConfig) -> None:
-    from chatforge.pipeline import paths
+def _print_reports(cfg: RunConfig, names: list[str] | None = None) -> None:
+    """Each training stage's summary, from its eval.json (what its declaration prints)."""
+    from chatforge.paths import RunPaths
+    from chatforge.run import relpath
+    from chatforge.stages import TRAINING_STAGES
 
-    path = paths(cfg).pretrain / "eval.json"
-    if not path.exists():
-        return
-    r = json.loads(path.read_text())
-    console.print(f"\n[bold]Pre-training[/bold]: {r['steps']} steps, {r['train_tokens']:,} tokens, "
-                  f"{r['tokens_per_s']:,.0f} tok/s ({r['dtype']} on {r['device']})")
-    console.print(f"  held-out perplexity {r['val_ppl']:.2f} (loss {r['val_loss']:.3f}, {r['val_bpb']:.3f} bits/byte)"
-                  f"; unigram baseline perplexity {r['unigram_ppl']:.2f}", markup=False)
-    for s in r.get("samples", []):
-        console.print(f"  sample: {s!r}", markup=False)
+    run = RunPaths(cfg.run_dir)
+    for decl in TRAINING_STAGES:
+        path = run.stage(decl.subdir).eval
+        if (names is not None and decl.name not in names) or not path.is_file():
+            continue
+        try:
+            line = decl.summary(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError):
+            console.print(f"\n{decl.name}: {relpath(path)} is from an older chatforge; re-run the stage "
+                          f"(--force {decl.name}) for its report", markup=False)
+            continue
+        console.print(f"\n[bold]{decl.name}[/bold] " + escape(line))
 
 
 def _print_outputs(cfg: RunConfig) -> None:
-    from chatforge.pipeline import paths
+    from chatforge.paths import RunPaths
     from chatforge.run import relpath
+    from chatforge.stages import TRAINING_STAGES
 
-    p = paths(cfg)
+    p = RunPaths(cfg.run_dir)
     rows = [
         ("SupportWorld data", p.supportworld),
         ("clean corpus", p.clean),
@@ -119,28 +126,22 @@ def _print_outputs(cfg: RunConfig) -> None:
         ("tokenizer", p.tokenizer),
         ("tokenizer report", p.tokenizer_report),
         ("train/val shards", p.shards_index),
-        ("pre-trained model", p.pretrain / "model"),
-        ("pretrain metrics", p.pretrain / "metrics.jsonl"),
-        ("pretrain report", p.pretrain / "eval.json"),
-        ("chat model (SFT)", p.root / "finetune" / "sft" / "model"),
-        ("SFT answers", p.root / "finetune" / "sft" / "answers.jsonl"),
-        ("sentiment model", p.root / "finetune" / "sentiment" / "model"),
-        ("intent model", p.root / "finetune" / "intent" / "model"),
-        ("translation model", p.root / "finetune" / "translate" / "model"),
-        ("tagging model", p.root / "finetune" / "tagging" / "model"),
-        ("fine-tune reports", p.root / "finetune"),
-        ("manifest", p.root / "manifest.json"),
     ]
+    for decl in TRAINING_STAGES:
+        out = p.stage(decl.subdir)
+        rows += [(decl.label, out.model), (f"{decl.name} report", out.eval)]
+        rows += [(label, out.root / name) for label, name in decl.files]
+    rows.append(("manifest", p.manifest))
     console.print("\n[bold]Outputs[/bold]")
     for label, path in rows:
         if path.exists():
-            console.print(f"  {label:<18} {relpath(path)}")
-    chat_model = p.root / "finetune" / "sft" / "model"
-    if chat_model.exists():
-        serve = "chatforge serve" if cfg.name == "default" and cfg.runs_dir == "runs" else f"chatforge serve {relpath(chat_model)}"
-        console.print(f"\n[bold]Next[/bold]: talk to it and collect feedback: [cyan]{serve}[/cyan], "
-                      f"then open http://127.0.0.1:8000 (create a login with "
-                      f"[cyan]chatforge feedback users add NAME --role admin[/cyan])", soft_wrap=True)
+            console.print(f"  {label:<18} {relpath(path)}", markup=False)
+    if p.stage("finetune/sft").model.exists():
+        dirs = "" if cfg.runs_dir == "runs" else f" --runs-dir {cfg.runs_dir}"
+        serve = f"chatforge serve{'' if cfg.name == 'default' else f' --name {cfg.name}'}{dirs}"
+        users = f"chatforge feedback users add NAME --role admin{'' if cfg.name == 'default' else f' --run {cfg.name}'}{dirs}"
+        console.print(f"\n[bold]Next[/bold]: talk to it and collect feedback: [cyan]{serve}[/cyan], then open "
+                      f"http://127.0.0.1:8000 (create a login with [cyan]{users}[/cyan])", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- commands
@@ -157,88 +158,70 @@ def cmd_stage(args: argparse.Namespace) -> None:
     _run(_config(args, extra), only=[args.stage], force=[args.stage] if args.force_stage else [])
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
+def _train_stage(args: argparse.Namespace, name: str, extra: list[str] = ()) -> None:
+    """Run one training stage (also under torchrun), record it in the manifest, print its report."""
     import time
 
-    from chatforge.pipeline import model_stages
+    from chatforge.pipeline import training_stage
     from chatforge.run import RunDir
+    from chatforge.stages import get_stage
     from chatforge.train.dist import dist_from_env, shutdown_distributed
-    from chatforge.train.pretrain import pretrain
+    from chatforge.train.stage import flat_metrics, run_stage
 
-    cfg = _config(args)
-    dist = dist_from_env()
-    t0 = time.perf_counter()
-    try:
-        metrics = pretrain(cfg, resume=args.resume, dist=dist)
-    finally:
-        shutdown_distributed()
-    if dist.is_main:
-        stage = next(s for s in model_stages() if s.name == "pretrain")
-        RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
-        _print_pretrain_report(cfg)
-        _print_outputs(cfg)
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    import time
-
-    from chatforge.pipeline import finetune_stages, run_finetune
-    from chatforge.run import RunDir
-    from chatforge.train.dist import dist_from_env, shutdown_distributed
-
-    extra = [f"{args.stage}.{split}_data={json.dumps(v)}" for split, v in
-             (("train", args.train), ("val", args.val), ("test", args.test)) if v]
+    extra = list(extra)
+    if getattr(args, "init_from", None):
+        extra.append(f"{name}.init_from={json.dumps(args.init_from)}")
     cfg = _config(args, extra)
     dist = dist_from_env()  # under torchrun: data-parallel; rank 0 evaluates, writes and reports
     t0 = time.perf_counter()
     try:
-        metrics = run_finetune(cfg, args.stage, resume=args.resume)
+        ev = run_stage(cfg, name, resume=args.resume, dist=dist)
     finally:
         shutdown_distributed()
     if dist.is_main:
-        stage = next(s for s in finetune_stages() if s.name == args.stage)
-        RunDir(cfg.run_dir).record(cfg, stage, metrics, time.perf_counter() - t0)
-        _print_finetune_report(cfg, [args.stage])
+        RunDir(cfg.run_dir).record(cfg, training_stage(get_stage(name)), flat_metrics(ev), time.perf_counter() - t0)
+        _print_reports(cfg, [name])
+        parent = ev.get("parent")
+        lineage = f" from {parent['stage']} model {parent['version']} ({parent['path']})" if parent else ""
+        console.print(f"  model version {ev['version']}{lineage}", markup=False)
+        _print_outputs(cfg)
 
 
-def _print_finetune_report(cfg: RunConfig, sections: list[str]) -> None:
-    from chatforge.pipeline import paths
-
-    for section in sections:
-        path = paths(cfg).root / "finetune" / section / "eval.json"
-        if not path.exists():
-            continue
-        r = json.loads(path.read_text())
-        head = f"\n[bold]{section}[/bold] ({r['method']}, {r['trainable_params']:,} of {r['total_params']:,} params " \
-               f"trained, {r['wall_time_s']:.0f}s): "
-        if "test_entity_f1" in r:
-            line = (f"test entity F1 {r['test_entity_f1']:.3f} (precision {r['test_entity_precision']:.3f}, "
-                    f"recall {r['test_entity_recall']:.3f}), token accuracy {r['test_token_accuracy']:.3f}")
-        elif "test_accuracy" in r:
-            line = (f"test accuracy {r['test_accuracy']:.3f}, macro-F1 {r['test_macro_f1']:.3f} "
-                    f"(majority-class baseline {r['majority_baseline']:.3f})")
-        else:
-            parts = [f"held-out assistant-token loss {r['val_loss']:.3f}"]
-            if "test_bleu" in r:
-                parts.append(f"BLEU {r['test_bleu']:.1f} chrF {r['test_chrf']:.1f} on {r['generated']} test prompts")
-            if "test_status_correct" in r:
-                parts.append(f"order status stated correctly in {100 * r['test_status_correct']:.0f}% "
-                             f"of {r['status_checked']} answers")
-            line = ", ".join(parts)
-        console.print(head + escape(line))
-        if "bleu_signature" in r:
-            console.print(f"  sacrebleu: {r['bleu_signature']}", markup=False)
-        console.print(f"  forgetting: held-out pre-training perplexity {r['pretrain_val_ppl_before']:.2f} -> "
-                      f"{r['pretrain_val_ppl_after']:.2f} ({r['forgetting_ppl_change_pct']:+.1f}%)", markup=False)
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    _train_stage(args, "pretrain")
 
 
-def _default_model(args: argparse.Namespace, stage: str = "pretrain") -> Path:
-    if args.model:
-        return Path(args.model)
-    from chatforge.pipeline import paths
+def cmd_finetune(args: argparse.Namespace) -> None:
+    extra = [f"{args.stage}.{split}_data={json.dumps(v)}" for split, v in
+             (("train", args.train), ("val", args.val), ("test", args.test)) if v]
+    _train_stage(args, args.stage, extra)
 
-    root = paths(load_config(None, preset=None))
-    return root.pretrain / "model" if stage == "pretrain" else root.root / "finetune" / stage / "model"
+
+def _add_model_args(p: argparse.ArgumentParser, default_stage: str) -> None:
+    """MODEL (a directory, or a stage of the run) and the run it is looked up in."""
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help=f"model directory, or a stage of the run (e.g. sft, pretrain); default: {default_stage}")
+    p.add_argument("--name", help="run name (default: 'default')")
+    p.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    p.set_defaults(default_stage=default_stage)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    """The model directory MODEL names, looked up in the run of ``--name``/``--runs-dir``."""
+    from chatforge.paths import RunPaths
+    from chatforge.stages import TRAINING_STAGES, get_stage
+
+    run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
+    value = args.model or args.default_stage
+    if args.model and (Path(value).is_dir() or value not in {d.name for d in TRAINING_STAGES}):
+        return Path(value)  # a directory (load_model says clearly when it is not a model)
+    path = run.stage(get_stage(value).subdir).model
+    if not path.is_dir():
+        flags = "" if run.name == "default" and run.root.parent == Path("runs") else \
+            f" --name {run.name} --runs-dir {run.root.parent}"
+        raise ChatforgeError(f"no {value} model in run {run.name!r} (expected {path}); run "
+                             f"`chatforge pipeline run{flags}` first, or give a model directory")
+    return path
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -247,7 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
-    model_dir = _default_model(args, "sft")
+    model_dir = _model_dir(args)
     model, tok, meta = load_model(model_dir, device)
     if meta.get("task") != "chat":
         err_console.print(f"note: {model_dir} was not fine-tuned for chat (stage {meta.get('stage')!r}); "
@@ -264,7 +247,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
-    model, tok, _ = load_model(_default_model(args), device)
+    model, tok, _ = load_model(_model_dir(args), device)
     prompts = args.prompt or [""]
     encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
     kwargs = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
@@ -292,7 +275,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
-    model_dir = _default_model(args)
+    model_dir = _model_dir(args)
     model, tok, _ = load_model(model_dir, device)
     result = perplexity(model, tok, text=args.text, shards=args.shards, block_size=args.block_size,
                         batch_size=args.batch_size, max_batches=args.max_batches, device=device,
@@ -313,7 +296,7 @@ def cmd_eval_prompt_classify(args: argparse.Namespace) -> None:
     from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
-    model, tok, _ = load_model(_default_model(args, "sft"), device)
+    model, tok, _ = load_model(_model_dir(args), device)
     rows = read_labelled(args.data, args.text_field, args.label_field)[: args.limit or None]
     labels = args.labels.split(",") if args.labels else sorted({label for _, _, label in rows})
     report = prompt_classify(model, tok, rows, labels, args.instruction or DEFAULT_INSTRUCTION, device)
@@ -383,12 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pre-train the GPT on the run's shards (torchrun for several processes)")
     _add_config_args(pre)
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    pre.add_argument("--init-from", metavar="MODEL",
+                     help="continue pre-training this model (a stage of the run or a model directory) instead of "
+                          "a fresh one, e.g. for mid-training")
     pre.set_defaults(func=cmd_pretrain)
 
     ft = sub.add_parser("finetune", help="fine-tune the pre-trained model for chat or a task")
-    ft.add_argument("stage", choices=["sft", "sentiment", "intent", "translate", "tagging"],
-                    help="sft: chat; sentiment/intent: classify {text,label}; translate: prompt -> completion; "
-                         "tagging: BIO token classification {tokens,tags}")
+    ft.add_argument("stage", choices=[d.name for d in finetune_stages()],
+                    help="; ".join(f"{d.name}: {d.describe}" for d in finetune_stages()))
+    ft.add_argument("--init-from", metavar="MODEL",
+                    help="start from this model: a stage of the run (e.g. sft to continue the chat model) or a "
+                         "model directory (default: the pre-trained model)")
     ft.add_argument("--train", help="training data (.jsonl/.parquet/hf:NAME; default: the SupportWorld set)")
     ft.add_argument("--val", help="validation data")
     ft.add_argument("--test", help="test data")
@@ -397,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
-    ch.add_argument("model", nargs="?", help="model directory (default: runs/default/finetune/sft/model)")
+    _add_model_args(ch, "sft")
     ch.add_argument("--system", help="system message")
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--temperature", type=float, default=0.7)
@@ -409,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chat)
 
     smp = sub.add_parser("sample", help="continue prompts with a trained model")
-    smp.add_argument("model", nargs="?", help="model or checkpoint directory (default: runs/default/pretrain/model)")
+    _add_model_args(smp, "pretrain")
     smp.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
     smp.add_argument("--max-new-tokens", type=int, default=100)
     smp.add_argument("--temperature", type=float, default=0.8)
@@ -424,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model")
     ev_sub = ev.add_subparsers(dest="action", required=True)
     ppl = ev_sub.add_parser("perplexity", help="held-out loss, perplexity and bits per byte")
-    ppl.add_argument("model", nargs="?", help="model or checkpoint directory (default: runs/default/pretrain/model)")
+    _add_model_args(ppl, "pretrain")
     src = ppl.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text source: file, directory or glob (.txt .md .jsonl .json .csv .parquet .html)")
     src.add_argument("--shards", nargs="+", help="token shard files (.bin) written with this model's tokenizer")
@@ -438,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = ev_sub.add_parser("prompt-classify", help="classify by asking the chat model (the prompt-only "
                                                      "alternative to a fine-tuned head)")
-    pc.add_argument("model", nargs="?", help="chat model directory (default: runs/default/finetune/sft/model)")
+    _add_model_args(pc, "sft")
     pc.add_argument("--data", required=True, help="{text,label} data (.jsonl/.parquet/hf:NAME)")
     pc.add_argument("--labels", help="comma-separated labels (default: those in the data)")
     pc.add_argument("--instruction", help="prompt with {labels} and {text} placeholders")

@@ -126,6 +126,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32) | fp32 | bf16 | fp16
     batch_size: int = 16  # sequences per micro-batch on each process
     tokens_per_step: int = 0  # target tokens per optimizer step (gradient accumulation); 0 = one micro-batch
+    grad_accum: int = 0  # micro-batches per optimizer step on each process (when token counts vary); 0 = from tokens_per_step
+    # the model this stage starts from: "" = the stage's default (fine-tuning: the pretrain model;
+    # pre-training: a fresh one), another stage of the run (e.g. "sft"), or a model directory
+    init_from: str = ""
     max_steps: int = 600
     lr: float = 3e-3  # peak learning rate
     min_lr_frac: float = 0.1  # final LR as a fraction of the peak
@@ -269,17 +273,31 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pretrain.checkpoint_every": 1000},
 }
 
-# Values allowed for string fields with a fixed set of choices.
+# Values allowed for string fields with a fixed set of choices. Every training section (any
+# ``TrainConfig`` field of ``RunConfig``) gets TRAIN_CHOICES; classifier sections CLASSIFY_CHOICES.
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS),
     "clean.unicode_form": ("NFC", "NFKC", "none"),
     "tokenizer.kind": ("bpe", "byte", "char"),
-    "pretrain.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "pretrain.schedule": ("cosine", "wsd", "constant"),
-    **{f"{sec}.{k}": v for sec in ("sft", "translate", "sentiment", "intent", "tagging") for k, v in (
-        ("dtype", ("auto", "fp32", "bf16", "fp16")), ("schedule", ("cosine", "wsd", "constant")))},
-    **{f"{sec}.pooling": ("last", "mean") for sec in ("sentiment", "intent")},
 }
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"dtype": ("auto", "fp32", "bf16", "fp16"),
+                                             "schedule": ("cosine", "wsd", "constant")}
+CLASSIFY_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("last", "mean")}
+
+
+def training_sections(cfg: RunConfig) -> list[tuple[str, TrainConfig]]:
+    """``(name, section)`` of every training stage's config section, in declaration order."""
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if isinstance(getattr(cfg, f.name), TrainConfig)]
+
+
+def all_choices(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
+    out = dict(CHOICES)
+    for name, section in training_sections(cfg):
+        out.update({f"{name}.{k}": v for k, v in TRAIN_CHOICES.items()})
+        if isinstance(section, ClassifyConfig):
+            out.update({f"{name}.{k}": v for k, v in CLASSIFY_CHOICES.items()})
+    return out
 
 
 # --------------------------------------------------------------------------- building
@@ -422,7 +440,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Raise ``ConfigError`` naming the first invalid field and what is allowed."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in all_choices(cfg).items():
         value = get_key(cfg, key)
         _check(value in allowed, key, f"{value!r} is not allowed; allowed: {', '.join(allowed)}")
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
@@ -461,12 +479,14 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(m, f) >= 1, f"model.{f}", "must be >= 1")
     for f in ("n_embd", "n_head", "n_kv_head"):
         _check(getattr(m, f) >= 0, f"model.{f}", "must be >= 0 (0 = derived)")
-    validate_train(cfg.pretrain, "pretrain")
-    for sec in ("sft", "translate", "sentiment", "intent", "tagging"):
-        validate_finetune(getattr(cfg, sec), sec)
-    for sec in ("sft", "translate"):
-        _check(getattr(cfg, sec).eval_generate >= 0, f"{sec}.eval_generate", "must be >= 0")
-        _check(getattr(cfg, sec).max_new_tokens >= 1, f"{sec}.max_new_tokens", "must be >= 1")
+    for name, section in training_sections(cfg):
+        if isinstance(section, FinetuneConfig):
+            validate_finetune(section, name)
+        else:
+            validate_train(section, name)
+        if isinstance(section, ChatTuneConfig):
+            _check(section.eval_generate >= 0, f"{name}.eval_generate", "must be >= 0")
+            _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
 
 
 def validate_finetune(f: FinetuneConfig, section: str) -> None:
@@ -493,6 +513,9 @@ def validate_train(t: TrainConfig, section: str) -> None:
     for f in ("tokens_per_step", "warmup_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens",
               "checkpoint_every", "log_every"):
         _check(getattr(t, f) >= 0, f"{section}.{f}", "must be >= 0")
+    _check(t.grad_accum >= 0, f"{section}.grad_accum", "must be >= 0 (0 = from tokens_per_step)")
+    _check(not (t.grad_accum and t.tokens_per_step), f"{section}.grad_accum",
+           "set grad_accum or tokens_per_step, not both")
     _check(t.keep_last >= 1, f"{section}.keep_last", "must be >= 1")
     _check(t.lr > 0, f"{section}.lr", "must be > 0")
     _check(0 <= t.min_lr_frac <= 1, f"{section}.min_lr_frac", "must be in [0, 1]")

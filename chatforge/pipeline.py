@@ -1,8 +1,9 @@
 """The pipeline: every stage of a run, in order, as ``Stage`` objects.
 
 ``chatforge pipeline run CONFIG`` calls ``run_pipeline``; each ``chatforge <stage>``
-subcommand runs the same ``Stage`` alone. Paths of a run (all under
-``runs/<name>/``) are defined once here, in ``RunPaths``.
+subcommand runs the same ``Stage`` alone. The data stages are listed here; the
+training stages come from their declarations in ``chatforge.stages``. Paths of a
+run are defined once, in ``chatforge.paths``.
 """
 
 from __future__ import annotations
@@ -10,64 +11,14 @@ from __future__ import annotations
 import glob
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chatforge.config import RunConfig
 from chatforge.io import read_jsonl, write_json
+from chatforge.paths import RunPaths
 from chatforge.run import Stage, StageResult, run_stages
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where each stage of a run writes."""
-
-    root: Path
-
-    @property
-    def supportworld(self) -> Path:
-        return self.root / "supportworld"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def raw(self) -> Path:
-        return self.data / "raw.jsonl"
-
-    @property
-    def clean(self) -> Path:
-        return self.data / "clean.jsonl"
-
-    @property
-    def clean_report(self) -> Path:
-        return self.data / "clean_report.json"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def tokenizer_report(self) -> Path:
-        return self.tokenizer / "compression.json"
-
-    @property
-    def shards_index(self) -> Path:
-        return self.data / "shards.json"
-
-    def train_shards(self) -> list[Path]:
-        # numeric order: train_1000.bin comes after train_999.bin
-        return sorted(self.data.glob("train_*.bin"), key=lambda p: (len(p.stem), p.stem))
-
-    @property
-    def val_shard(self) -> Path:
-        return self.data / "val.bin"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "pretrain"
+from chatforge.stages import TRAINING_STAGES, StageDecl, data_sources, parent_path
 
 
 def paths(cfg: RunConfig) -> RunPaths:
@@ -161,68 +112,39 @@ def data_stages() -> list[Stage]:
     ]
 
 
-def _pretrain(cfg: RunConfig) -> dict[str, Any]:
-    from chatforge.train.pretrain import pretrain
+def _training_inputs(cfg: RunConfig, decl: StageDecl) -> list[Path]:
+    """What a training stage reads: its parent model (or, from scratch, the tokenizer), the shards
+    (pre-training data, replay, the forgetting measure) and its data files."""
+    p = paths(cfg)
+    parent = parent_path(cfg, decl, getattr(cfg, decl.name).init_from)
+    start = [parent if parent is not None else p.tokenizer]
+    shards = [*p.train_shards(), p.val_shard] if decl.task == "lm" else [p.val_shard]
+    files = [Path(s) for s in data_sources(cfg, decl).values() if not s.startswith("hf:")]
+    return [*start, *shards, *files]
 
-    return pretrain(cfg)
+
+def training_stage(decl: StageDecl) -> Stage:
+    """The pipeline ``Stage`` of a declared training stage."""
+
+    def run(cfg: RunConfig) -> dict[str, Any]:
+        from chatforge.train.stage import flat_metrics, run_stage
+
+        return flat_metrics(run_stage(cfg, decl.name))
+
+    sections = ("model", decl.name) if decl.parent is None else (decl.name,)
+    return Stage(decl.name, sections, lambda c: _training_inputs(c, decl),
+                 lambda c: [paths(c).stage(decl.subdir).model, paths(c).stage(decl.subdir).eval],
+                 run, decl.describe)
 
 
 def model_stages() -> list[Stage]:
-    """Training: pre-training on the shards (fine-tuning and alignment stages follow it)."""
-    return [
-        Stage("pretrain", ("model", "pretrain"),
-              lambda c: [*paths(c).train_shards(), paths(c).val_shard, paths(c).tokenizer],
-              lambda c: [paths(c).pretrain / "model", paths(c).pretrain / "eval.json"],
-              _pretrain, "pre-train the GPT on next-token prediction"),
-    ]
-
-
-# Fine-tuning stages: section name -> (runner module, what it does).
-FINETUNE_STAGES = {
-    "sft": ("chat", "chat SFT on support conversations (assistant-only loss)"),
-    "sentiment": ("classify", "sentiment classifier on reviews"),
-    "intent": ("classify", "intent classifier on support conversations"),
-    "translate": ("chat", "English -> Spanish translation (prompt -> completion)"),
-    "tagging": ("tag", "product-attribute tagger (BIO token classification)"),
-}
-
-
-def run_finetune(cfg: RunConfig, section: str, resume: bool = False) -> dict[str, Any]:
-    kind = FINETUNE_STAGES[section][0]
-    if kind == "tag":
-        from chatforge.finetune.tag import finetune_tagger
-
-        return finetune_tagger(cfg, section, resume=resume)
-    if kind == "classify":
-        from chatforge.finetune.classify import finetune_classifier
-
-        return finetune_classifier(cfg, section, resume=resume)
-    from chatforge.finetune.sft import finetune_chat
-
-    return finetune_chat(cfg, section, resume=resume)
-
-
-def _finetune_inputs(cfg: RunConfig, section: str) -> list[Path]:
-    from chatforge.finetune.common import data_sources
-
-    sources = data_sources(cfg, section)
-    p = paths(cfg)
-    return [p.pretrain / "model", p.val_shard, *(Path(s) for s in sources.values() if not s.startswith("hf:"))]
-
-
-def finetune_stages() -> list[Stage]:
-    def stage(section: str) -> Stage:
-        return Stage(section, (section,), lambda c: _finetune_inputs(c, section),
-                     lambda c: [paths(c).root / "finetune" / section / "model",
-                                paths(c).root / "finetune" / section / "eval.json"],
-                     lambda c: run_finetune(c, section), FINETUNE_STAGES[section][1])
-
-    return [stage(s) for s in FINETUNE_STAGES]
+    """Training: pre-training, then fine-tuning (and, later, alignment), as declared in ``chatforge.stages``."""
+    return [training_stage(d) for d in TRAINING_STAGES]
 
 
 def all_stages() -> list[Stage]:
     """Every stage the pipeline knows, in order."""
-    return data_stages() + model_stages() + finetune_stages()
+    return data_stages() + model_stages()
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: list[str] = (), **hooks: Any

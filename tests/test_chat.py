@@ -440,11 +440,13 @@ def test_eval_batches_are_deterministic_and_finite():
 # --------------------------------------------------------------------------- loss and a trained reply
 
 
-def test_chat_loss_is_the_mean_over_learned_tokens_only():
+def test_chat_loss_is_the_sum_and_count_over_learned_tokens_only():
     model = randomized_gpt(1).requires_grad_(False)
     examples = [render(chat(k, reply_len=2 + k), TOK) for k in range(4)]
     batch = next(ChatBatches(examples, block_size=32, batch_size=2, seed=0, pad_id=PAD))
-    loss = chat_loss(model, batch)
+    total, count = chat_loss(model, batch)
+    assert int(count) == int(batch["loss_mask"].sum())
+    loss = total / count
     logits, _ = model(batch["idx"], doc_ids=batch["doc_ids"])
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].clamp(min=0).flatten(),
                                            reduction="none")
@@ -454,7 +456,7 @@ def test_chat_loss_is_the_mean_over_learned_tokens_only():
     changed = dict(batch, targets=batch["targets"].clone())
     t = (~batch["loss_mask"] & (batch["targets"] >= 0)).nonzero()[0]
     changed["targets"][t[0], t[1]] = (changed["targets"][t[0], t[1]] + 1) % 256
-    torch.testing.assert_close(chat_loss(model, changed), loss)
+    torch.testing.assert_close(chat_loss(model, changed)[0], total)
     assert float(token_loss(logits, batch["targets"], batch["loss_mask"])) == pytest.approx(loss.item())
 
 
@@ -467,7 +469,8 @@ def test_a_model_trained_on_the_format_answers_and_stops_at_end():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(150):
-        loss = chat_loss(model, next(batches))
+        total, count = chat_loss(model, next(batches))
+        loss = total / count
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,11 +14,12 @@ from helpers import make_run
 from chatforge.chat.repl import Sampling, chat_loop
 from chatforge.config import load_config
 from chatforge.errors import ConfigError, DataError
-from chatforge.finetune.classify import finetune_classifier, load_classifier
-from chatforge.finetune.sft import finetune_chat, status_stated
+from chatforge.finetune.classify import load_classifier
+from chatforge.finetune.sft import status_stated
 from chatforge.io import write_jsonl
 from chatforge.train.checkpoint import load_model
 from chatforge.train.pretrain import pretrain
+from chatforge.train.stage import run_stage
 
 TINY = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
         "pretrain.max_steps=20", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0"]
@@ -48,6 +49,11 @@ def write_sentiment(d, n=240):
     return sets
 
 
+def M(ev):
+    """Every number and detail of a stage's eval.json in one dict (the tests read them by name)."""
+    return {**ev["metrics"], **ev["details"], **ev["train"], "primary": ev["primary"]["name"]}
+
+
 def cfg_for(runs, *sets):
     return load_config(overrides=[*TINY, f"runs_dir={json.dumps(str(runs))}", "name=r", *sets])
 
@@ -62,7 +68,7 @@ def classify_sets(data, section="sentiment", **kw):
 
 def test_classifier_learns_and_reports_everything(base_run, tmp_path):
     data = write_sentiment(tmp_path)
-    metrics = finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+    metrics = M(run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False))
     assert metrics["test_accuracy"] > 0.9 > metrics["majority_baseline"]
     assert metrics["labels"] == ["negative", "positive"] and len(metrics["confusion"]) == 2
     assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
@@ -75,10 +81,10 @@ def test_classifier_learns_and_reports_everything(base_run, tmp_path):
 def test_lora_and_frozen_backbone_train_only_what_they_should(base_run, tmp_path):
     data = write_sentiment(tmp_path)
     base, _, _ = load_model(base_run / "r" / "pretrain" / "model")
-    lora = finetune_classifier(cfg_for(base_run, *classify_sets(data, lora_r=4)), "sentiment", progress=False)
+    lora = M(run_stage(cfg_for(base_run, *classify_sets(data, lora_r=4)), "sentiment", progress=False))
     assert lora["method"].startswith("LoRA r=4") and lora["trainable_params"] < 0.2 * lora["total_params"]
-    frozen = finetune_classifier(cfg_for(base_run, *classify_sets(data, freeze="backbone")), "sentiment",
-                                 progress=False)
+    frozen = M(run_stage(cfg_for(base_run, *classify_sets(data, freeze="backbone")), "sentiment",
+                         progress=False))
     assert frozen["trainable_params"] == 32 * 2 + 2  # the head only: n_embd x classes + bias
     # a frozen backbone leaves the pre-trained weights, and so pre-training perplexity, unchanged
     model, _, _ = load_classifier(base_run / "r" / "finetune" / "sentiment" / "model")
@@ -93,11 +99,11 @@ def test_classifier_bad_labels_are_clear_errors(base_run, tmp_path):
     rows[3]["label"] = "sarcastic"
     write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(DataError, match=r"test.jsonl:4: label 'sarcastic' does not occur in the training data"):
-        finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+        run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
     del rows[3]["label"]
     write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(DataError, match=r"test.jsonl:4: missing field 'label' \(fields present: id, text\)"):
-        finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+        M(run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False))
 
 
 def write_chats(d):
@@ -126,7 +132,7 @@ def chat_sets(data, **kw):
 def test_sft_learns_to_answer_from_the_record_and_end_its_turn(base_run, tmp_path):
     data = write_chats(tmp_path)
     sets = chat_sets(data)
-    metrics = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
+    metrics = M(run_stage(cfg_for(base_run, *sets), "sft", progress=False))
     assert metrics["generated"] == 20 and metrics["status_checked"] == 20
     assert metrics["test_status_correct"] >= 0.8, metrics
     assert metrics["test_bleu"] > 50 and "bleu_signature" in metrics
@@ -179,17 +185,15 @@ def tagging_sets(tmp_path, **kw):
 
 
 def test_tagger_learns_bio_spans(base_run, tmp_path):
-    from chatforge.finetune.tag import finetune_tagger
-
     sets = tagging_sets(tmp_path)
-    metrics = finetune_tagger(cfg_for(base_run, *sets), progress=False)
+    metrics = M(run_stage(cfg_for(base_run, *sets), "tagging", progress=False))
     assert metrics["test_entity_f1"] > 0.9, metrics
     assert set(metrics["per_type"]) == {"COLOR", "PRODUCT"}
     rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     rows[0]["tags"] = rows[0]["tags"][:-1]
     write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(DataError, match=r"test.jsonl:1: 5 tokens but 4 tags"):
-        finetune_tagger(cfg_for(base_run, *sets), progress=False)
+        M(run_stage(cfg_for(base_run, *sets), "tagging", progress=False))
 
 
 def test_prompt_only_scores_each_label_as_the_whole_reply(base_run, tmp_path):
@@ -214,26 +218,24 @@ def test_prompt_only_scores_each_label_as_the_whole_reply(base_run, tmp_path):
 
 def test_replay_limits_forgetting(base_run, tmp_path):
     data = write_sentiment(tmp_path)
-    plain = finetune_classifier(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
-    replayed = finetune_classifier(cfg_for(base_run, *classify_sets(data, replay=0.2, max_steps=200)),
-                                   "sentiment", progress=False)
+    plain = M(run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False))
+    replayed = M(run_stage(cfg_for(base_run, *classify_sets(data, replay=0.2, max_steps=200)), "sentiment",
+                           progress=False))
     assert replayed["test_accuracy"] > 0.8, replayed["test_accuracy"]
     assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"]
 
 
 def test_tagger_replay_limits_forgetting(base_run, tmp_path):
-    from chatforge.finetune.tag import finetune_tagger
-
-    plain = finetune_tagger(cfg_for(base_run, *tagging_sets(tmp_path)), progress=False)
-    replayed = finetune_tagger(cfg_for(base_run, *tagging_sets(tmp_path, replay=0.3)), progress=False)
+    plain = M(run_stage(cfg_for(base_run, *tagging_sets(tmp_path)), "tagging", progress=False))
+    replayed = M(run_stage(cfg_for(base_run, *tagging_sets(tmp_path, replay=0.3)), "tagging", progress=False))
     assert replayed["test_entity_f1"] > 0.9, replayed
     assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"], (plain, replayed)
 
 
 def test_sft_replay_runs_and_limits_forgetting(base_run, tmp_path):
     sets = chat_sets(write_chats(tmp_path), max_steps=60, eval_generate=4, max_new_tokens=8)
-    plain = finetune_chat(cfg_for(base_run, *sets), "sft", progress=False)
-    replayed = finetune_chat(cfg_for(base_run, *sets, "sft.replay=0.3"), "sft", progress=False)
+    plain = M(run_stage(cfg_for(base_run, *sets), "sft", progress=False))
+    replayed = M(run_stage(cfg_for(base_run, *sets, "sft.replay=0.3"), "sft", progress=False))
     assert replayed["forgetting_ppl_change_pct"] < plain["forgetting_ppl_change_pct"], (plain, replayed)
 
 
@@ -292,4 +294,51 @@ def test_ddp_two_processes_match_one(base_run, tmp_path, stage, replay, port):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=lambda m, k=k: f"{stage} {k}: {m}")
     ev = json.loads((runs / "two" / "finetune" / stage / "eval.json").read_text())
-    assert ev["steps"] == 6
+    assert ev["train"]["steps"] == 6
+
+
+# --------------------------------------------------------------------------- parents and lineage
+
+
+def test_next_round_continues_from_the_chat_model_and_keeps_it(base_run, tmp_path):
+    """`chatforge finetune sft --init-from sft --train FEEDBACK.jsonl`: the README's next round."""
+    import subprocess
+    import sys
+
+    data = write_chats(tmp_path)
+    sets = chat_sets(data, max_steps=30, eval_generate=2, max_new_tokens=8)
+    first = run_stage(cfg_for(base_run, *sets), "sft", progress=False)
+    stage = base_run / "r" / "finetune" / "sft"
+    pretrained = json.loads((base_run / "r" / "pretrain" / "model" / "config.json").read_text())["version"]
+    assert first["parent"] == {"stage": "pretrain", "version": pretrained, "path": "pretrain/model"}
+
+    feedback = tmp_path / "feedback.jsonl"
+    write_jsonl(feedback, [{"messages": [{"role": "system", "content": "status: shipped"},
+                                         {"role": "user", "content": "where is it?"},
+                                         {"role": "assistant", "content": "Your order is shipped."}]}] * 12)
+    args = [sys.executable, "-m", "chatforge", "finetune", "sft", "--init-from", "sft", "--train", str(feedback),
+            "--runs-dir", str(base_run), "--name", "r", "--set", "sft.max_steps=5"]
+    for s in [*TINY, *sets]:
+        if not s.startswith(("sft.max_steps", "sft.train_data")):
+            args += ["--set", s]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads((stage / "eval.json").read_text())
+    assert second["parent"] == {"stage": "sft", "version": first["version"], "path": "finetune/sft/model"}
+    assert f"from sft model {first['version']}" in r.stdout
+    # the model the new one was trained from is kept, under its version, unchanged
+    kept = stage / "versions" / first["version"]
+    assert json.loads((kept / "config.json").read_text())["version"] == first["version"]
+    new_config = json.loads((stage / "model" / "config.json").read_text())
+    assert new_config["version"] == second["version"] != first["version"]
+    assert new_config["parent"]["version"] == first["version"]
+    old, _, _ = load_model(kept)
+    assert json.loads((kept / "config.json").read_text())["parent"]["version"] == pretrained  # back to pre-training
+    assert old.config.n_embd == 32
+
+
+def test_init_from_a_bad_value_names_the_field(base_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"sentiment.init_from: 'nope' is neither a stage of this run"):
+        run_stage(cfg_for(base_run, *classify_sets(write_sentiment(tmp_path)), "sentiment.init_from=nope"),
+                  "sentiment", progress=False)

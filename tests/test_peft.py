@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from chatforge.errors import ConfigError
-from chatforge.finetune.peft import (
+from chatforge.model import GPT, ClassifierHead, GPTConfig, GPTWithHead, make_adamw
+from chatforge.model.lora import (
     LoRALinear,
     apply_lora,
     format_param_summary,
@@ -15,7 +16,6 @@ from chatforge.finetune.peft import (
     merge_lora,
     param_summary,
 )
-from chatforge.model import GPT, ClassifierHead, GPTConfig, GPTWithHead, make_adamw
 
 
 def tiny_config(**kw) -> GPTConfig:

@@ -23,14 +23,14 @@ STAGES = ["supportworld", "collect", "clean", "tokenizer", "shard", "pretrain", 
           "translate", "tagging"]
 
 
-def chatforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def chatforge(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "chatforge", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)
+                          text=True, input=stdin)
 
 
 def sets(*extra: str) -> list[str]:
-    out = []
+    out = ["--name", "other"]  # a named run: every later command must reach it with --name
     for s in [*SETS, *extra]:
         out += ["--set", s]
     return out
@@ -40,30 +40,41 @@ def sets(*extra: str) -> list[str]:
 def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     r = chatforge("pipeline", "run", *sets(), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    run = tmp_path / "runs" / "default"
+    run = tmp_path / "runs" / "other"
     manifest = json.loads((run / "manifest.json").read_text())
     assert list(manifest["stages"]) == STAGES
     for stage in manifest["stages"].values():
         assert stage["wall_time_s"] > 0 and stage["config_hash"]
     assert manifest["versions"]["torch"].startswith("2.13.0")
 
-    report = json.loads((run / "pretrain" / "eval.json").read_text())
+    ev = json.loads((run / "pretrain" / "eval.json").read_text())
+    report = ev["metrics"]
     # the model learned more than word frequencies: held-out perplexity well below the unigram baseline
     assert report["val_ppl"] < 0.5 * report["unigram_ppl"], report
-    assert len(report["samples"]) == 3 and all(s.strip() for s in report["samples"])
+    samples = ev["details"]["samples"]
+    assert len(samples) == 3 and all(s.strip() for s in samples)
+    assert ev["primary"] == {"name": "val_ppl", "value": report["val_ppl"], "goal": "min"} and ev["parent"] is None
     assert "held-out perplexity" in r.stdout and "unigram baseline" in r.stdout
     for label in ("clean report", "tokenizer", "train/val shards", "pre-trained model", "pretrain report"):
         assert label in r.stdout
 
     # fine-tuning: classifiers beat the majority class, generative stages report BLEU with its signature
+    def metrics(stage: str) -> dict:
+        ev = json.loads((run / "finetune" / stage / "eval.json").read_text())
+        # one schema: every fine-tuned model names its parent, the pre-trained model
+        assert ev["parent"] == {"stage": "pretrain", "version": json.loads(
+            (run / "pretrain" / "model" / "config.json").read_text())["version"], "path": "pretrain/model"}
+        assert ev["primary"]["name"] in ev["metrics"] and set(ev["data"]) == {"train", "val", "test"}
+        return {**ev["metrics"], **ev["details"]}
+
     for stage in ("sentiment", "intent"):
-        ev = json.loads((run / "finetune" / stage / "eval.json").read_text())
-        assert ev["test_accuracy"] > ev["majority_baseline"] + 0.15, (stage, ev["test_accuracy"])
-        assert "forgetting_ppl_change_pct" in ev
+        m = metrics(stage)
+        assert m["test_accuracy"] > m["majority_baseline"] + 0.15, (stage, m["test_accuracy"])
+        assert "forgetting_ppl_change_pct" in m
     for stage in ("sft", "translate"):
-        ev = json.loads((run / "finetune" / stage / "eval.json").read_text())
-        assert 1 <= ev["generated"] <= 8 and ev["bleu_signature"].startswith("nrefs:1")
-    assert json.loads((run / "finetune" / "tagging" / "eval.json").read_text())["test_entity_f1"] > 0.2
+        m = metrics(stage)
+        assert 1 <= m["generated"] <= 8 and m["bleu_signature"].startswith("nrefs:1")
+    assert metrics("tagging")["test_entity_f1"] > 0.2
     assert "majority-class baseline" in r.stdout and "forgetting" in r.stdout
 
     # nothing changed: every stage is skipped
@@ -80,11 +91,17 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert before == after
 
-    # the pre-trained model can be sampled and evaluated from the CLI
-    sample = chatforge("sample", str(run / "pretrain" / "model"), "--prompt", "Returns", "--max-new-tokens", "20",
-                       "--seed", "0", cwd=tmp_path)
-    assert sample.returncode == 0 and "Returns" in sample.stdout
-    ppl = chatforge("eval", "perplexity", str(run / "pretrain" / "model"), "--shards", str(run / "data" / "val.bin"),
-                    "--json", cwd=tmp_path)
+    # the named run's models are reached with --name: sample, evaluate, chat
+    assert "chatforge serve --name other" in r.stdout
+    sample = chatforge("sample", "--name", "other", "--prompt", "Returns", "--max-new-tokens", "20", "--seed", "0",
+                       cwd=tmp_path)
+    assert sample.returncode == 0 and "Returns" in sample.stdout, sample.stderr
+    ppl = chatforge("eval", "perplexity", "--name", "other", "--shards", str(run / "data" / "val.bin"), "--json",
+                    cwd=tmp_path)
     assert ppl.returncode == 0, ppl.stderr
-    assert json.loads(ppl.stdout)["val_ppl"] < report["unigram_ppl"]
+    result = json.loads(ppl.stdout)
+    assert result["val_ppl"] < report["unigram_ppl"] and result["model"] == str(Path("runs/other/pretrain/model"))
+    chat = chatforge("chat", "--name", "other", "--max-new-tokens", "8", cwd=tmp_path, stdin="hello\n/quit\n")
+    assert chat.returncode == 0 and "assistant>" in chat.stdout, chat.stderr
+    missing = chatforge("chat", "--name", "nosuchrun", cwd=tmp_path, stdin="/quit\n")
+    assert missing.returncode == 2 and "no sft model in run 'nosuchrun'" in missing.stderr

@@ -62,7 +62,8 @@ def data(n: int, batch: int, seed: int = 1):
 
 
 def lm_loss(model, batch):
-    return model(*batch)[1]
+    x, y = batch
+    return model(x, y, loss_reduction="sum")[1], y.numel()
 
 
 def task_for(model, batches, micro_tokens, loss=lm_loss, **kw):
@@ -136,8 +137,8 @@ def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
 
     def poisoned(model, batch):
         calls["n"] += 1
-        loss = lm_loss(model, batch)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        total, count = lm_loss(model, batch)
+        return (total * float("nan") if calls["n"] == 5 else total), count
 
     task = task_for(m, FixedBatches(data(3, 2)), 32, loss=poisoned)
     with pytest.raises(NonFiniteLossError, match=r"loss nan at step 5 .*step_0000004"):
@@ -253,7 +254,33 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     assert resumed == full  # bit for bit: same weights, optimizer state, RNG and data order
     ev_full = json.loads((tmp_path / "full" / "pretrain" / "eval.json").read_text())
     ev_res = json.loads((tmp_path / "killed" / "pretrain" / "eval.json").read_text())
-    assert ev_full["val_loss"] == ev_res["val_loss"]
+    assert ev_full["metrics"]["val_loss"] == ev_res["metrics"]["val_loss"]
+
+
+def test_resume_from_the_final_checkpoint_finishes_the_stage(tmp_path):
+    """Killed after the final checkpoint, before model/ and eval.json were written: --resume runs
+    no step but the final evaluation, and writes the eval.json of the uninterrupted run."""
+    import shutil
+
+    _make_run(tmp_path, "r")
+    done = subprocess.run(_cli(tmp_path, "r"), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stage = tmp_path / "r" / "pretrain"
+    full = json.loads((stage / "eval.json").read_text())
+    assert latest_checkpoint(stage / "ckpt").name == "step_0000030"
+    (stage / "eval.json").unlink()  # the state a kill between the final checkpoint and eval.json leaves
+    shutil.rmtree(stage / "model")
+    resumed = subprocess.run(_cli(tmp_path, "r", "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = json.loads((stage / "eval.json").read_text())
+    assert again["metrics"] == full["metrics"]  # held-out metrics, final train loss and baseline
+    assert again["details"]["samples"] == full["details"]["samples"]
+    assert again["version"] == full["version"]  # the same weights
+    t, t_full = again["train"], full["train"]
+    assert t["steps"] == t_full["steps"] == 30 and t["tokens"] == t_full["tokens"]
+    # tokens/s counts the training time of every session, not just the resume's
+    assert 0.2 < t["tokens_per_s"] / t_full["tokens_per_s"] < 5
+    assert "held-out perplexity" in resumed.stdout
 
 
 def test_ddp_two_processes_match_one(tmp_path):

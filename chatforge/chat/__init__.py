@@ -5,7 +5,7 @@
     reply = parse_assistant(generated_ids, tok)       # text up to <|end|>
     examples, stats = load_chat_examples("sft.jsonl", tok, max_tokens=block_size + 1)
     batches = ChatBatches(examples, block_size, batch_size, seed, pad_id=tok.pad_id)
-    loss = chat_loss(model, next(batches))
+    loss_sum, count = chat_loss(model, next(batches))    # summed over learned tokens, and their count
 
 The format is described in ``template.py``, the data sources in ``data.py`` and the
 batch layout (packing, doc_ids, resume) in ``batching.py``.

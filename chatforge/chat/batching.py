@@ -270,11 +270,13 @@ def eval_batches(
     return batches()
 
 
-def chat_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the learned tokens of ``batch`` (the loop's loss function).
+def chat_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the learned tokens of ``batch``, and how many there are: the
+    training loop's loss contract (it divides by the count over the whole step).
 
     Moves the batch to the model's device; ``model`` may be wrapped in DDP."""
     device = next(model.parameters()).device
     non_blocking = device.type == "cuda"
     b = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-    return model(b["idx"], b["targets"], loss_mask=b["loss_mask"], doc_ids=b["doc_ids"])[1]
+    total = model(b["idx"], b["targets"], loss_mask=b["loss_mask"], doc_ids=b["doc_ids"], loss_reduction="sum")[1]
+    return total, (b["loss_mask"] & (b["targets"] != -1)).sum()

@@ -13,7 +13,6 @@ matrix, the majority-class baseline, forgetting, trainable parameters, wall time
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,30 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.config import ClassifyConfig, RunConfig
+from chatforge.config import ClassifyConfig
 from chatforge.data.records import field_of, iter_records
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.eval.metrics import classification_report, format_confusion
-from chatforge.finetune.common import (
-    PretrainData,
-    ShuffledBatches,
-    WithReplay,
-    adapt,
-    data_sources,
-    forgetting,
-    load_base,
-    scaled_param_groups,
-    stage_dir,
-    task_replay,
-)
-from chatforge.finetune.peft import merge_lora
-from chatforge.io import write_json
+from chatforge.finetune.common import ShuffledBatches
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ClassifierHead, GPTWithHead
-from chatforge.train.checkpoint import load_model_weights, load_tokenizer_of, read_model_config, save_model
-from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
-from chatforge.train.loop import TrainTask, seed_everything, train
-from chatforge.train.precision import resolve_device, resolve_precision
+from chatforge.train.checkpoint import load_model_weights, load_tokenizer_of, read_model_config
+from chatforge.train.loop import LossOutput, TrainResult
+from chatforge.train.stage import StageContext, StageParts, StageTest
 
 
 @dataclass
@@ -117,42 +102,26 @@ def predict(model: GPTWithHead, data: LabelledSet, pad_id: int, device: torch.de
     return preds, total / max(1, len(data.examples))
 
 
-def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True,
-                        dist: DistInfo | None = None) -> dict[str, Any]:
-    """Fine-tune a classifier for ``section`` (a ``ClassifyConfig`` section of the run config).
-
-    Under ``torchrun`` each rank trains on its slice of every batch (DDP); rank 0 alone
-    evaluates on the test set and writes; the other ranks return ``{}``."""
-    f: ClassifyConfig = getattr(cfg, section)
-    out = stage_dir(cfg, section)
-    dist = dist or dist_from_env()
-    device = init_distributed(dist, resolve_device(f.device))
-    precision = resolve_precision(f.dtype, device)
-    seed_everything(f.seed)
-    backbone, tok = load_base(cfg, device)
+def build(ctx: StageContext) -> StageParts:
+    """A classifier head on the parent GPT for a ``ClassifyConfig`` section (sentiment, intent, ...)."""
+    f: ClassifyConfig = ctx.section
+    backbone, tok, device, sources = ctx.backbone, ctx.tokenizer, ctx.device, ctx.sources
     max_len = min(f.max_len or backbone.config.block_size, backbone.config.block_size)
-
-    sources = data_sources(cfg, section)
     rows = {split: read_labelled(src, f.text_field, f.label_field) for split, src in sources.items()}
     labels = sorted({label for _, _, label in rows["train"]})
     if len(labels) < 2:
         raise DataError(f"{sources['train']}: only one label ({labels[0]!r}) in the training data; "
                         "a classifier needs at least two")
-    sets = {split: encode_labelled(r, tok, labels, max_len, sources[split], warn=dist.is_main)
+    sets = {split: encode_labelled(r, tok, labels, max_len, sources[split], warn=ctx.is_main)
             for split, r in rows.items()}
-
     model = GPTWithHead(backbone, ClassifierHead(backbone.config.n_embd, len(labels), f.pooling)).to(device)
-    params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
-    pre = PretrainData.of(cfg)
-    before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
-    replay = task_replay(pre, model, backbone, f, avg_len * f.batch_size, dist)
 
-    def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        ce = F.cross_entropy(m(batch["idx"], batch["attention_mask"]), batch["labels"])
-        if "lm" in batch:
-            ce = (1 - f.replay) * ce + f.replay * backbone(*batch["lm"])[1]
-        return ce
+    def loss(m: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        logits = m(batch["idx"], batch["attention_mask"])
+        ce = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["labels"]).sum()
+        n = batch["labels"].numel()
+        return LossOutput(ce, n, {"accuracy": (correct, n)}, tokens=int(batch["attention_mask"].sum()))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         preds, val_loss = predict(m, sets["val"], tok.pad_id, device)
@@ -160,42 +129,26 @@ def finetune_classifier(cfg: RunConfig, section: str, resume: bool = False, prog
                                        labels)
         return {"val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
 
-    task = TrainTask(
-        name=section, model=model, tokenizer=tok,
-        batches=WithReplay(ShuffledBatches(sets["train"].examples, f.batch_size, f.seed,
-                                           lambda ex: collate(ex, tok.pad_id, device), dist), replay, device),
-        loss=loss, tokens_per_micro_batch=max(1, round(avg_len * f.batch_size)), evaluate=evaluate,
-        meta={"task": "classify", "labels": labels, "pooling": f.pooling}, backbone=backbone,
-        param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale),
-    )
-    t0 = time.perf_counter()
-    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
-    wall = time.perf_counter() - t0
-    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
-        return {}
+    def test(m: nn.Module, result: TrainResult) -> StageTest:
+        preds, test_loss = predict(m, sets["test"], tok.pad_id, device)
+        report = classification_report([labels[e.label] for e in sets["test"].examples], [labels[p] for p in preds],
+                                       labels)
+        metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
+                   "majority_baseline": report["majority_baseline"], "test_loss": test_loss}
+        details = {"labels": labels, "majority_label": report["majority_label"], "confusion": report["confusion"],
+                   "per_label": report["per_label"]}
+        return StageTest(metrics=metrics, primary="test_accuracy", details=details,
+                         files={"confusion.txt": format_confusion(report) + "\n"})
 
-    model.eval()
-    preds, test_loss = predict(model, sets["test"], tok.pad_id, device)
-    report = classification_report([labels[e.label] for e in sets["test"].examples], [labels[p] for p in preds],
-                                   labels)
-    after = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    merge_lora(model)
-    save_model(out / "model", model, tok, {"stage": section, "task": "classify", "labels": labels,
-                                           "pooling": f.pooling, "step": result.step})
-    metrics = {
-        "test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
-        "majority_baseline": report["majority_baseline"], "majority_label": report["majority_label"],
-        "test_loss": test_loss, **{k: v for k, v in result.eval.items()},
-        **forgetting(before, after),
-        "trainable_params": params["trainable"], "total_params": params["total"], "method": params["method"],
-        "steps": result.step, "wall_time_s": round(wall, 2),
-        "truncated": {split: s.truncated for split, s in sets.items()},
-        "labels": labels, "confusion": report["confusion"], "per_label": report["per_label"],
-        "data": sources,
-    }
-    write_json(out / "eval.json", metrics)
-    (out / "confusion.txt").write_text(format_confusion(report) + "\n", encoding="utf-8")
-    return metrics
+    avg_len = sum(len(e.ids) for e in sets["train"].examples) / len(sets["train"].examples)
+    return StageParts(
+        model=model,
+        batches=ShuffledBatches(sets["train"].examples, f.batch_size, f.seed,
+                                lambda ex: collate(ex, tok.pad_id, device), ctx.dist),
+        loss=loss, tokens_per_micro_batch=max(1, round(avg_len * f.batch_size)), evaluate=evaluate, test=test,
+        meta={"labels": labels, "pooling": f.pooling}, keep_trainable=("head",), units_per_batch=f.batch_size,
+        info={"truncated": {split: s.truncated for split, s in sets.items()}},
+    )
 
 
 def load_classifier(directory: Path, device: torch.device | str = "cpu") -> tuple[GPTWithHead, Any, list[str]]:

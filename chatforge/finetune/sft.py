@@ -15,7 +15,6 @@ Writes under ``runs/<run>/finetune/<stage>/``: ``ckpt/``, ``model/`` (LoRA merge
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -24,28 +23,14 @@ from torch import nn
 from chatforge.chat.batching import ChatBatches, chat_loss, eval_batches
 from chatforge.chat.data import iter_conversations, load_chat_examples
 from chatforge.chat.template import parse_assistant, prompt_messages, render_prompt, stop_token_ids
-from chatforge.config import ChatTuneConfig, RunConfig
+from chatforge.config import ChatTuneConfig
 from chatforge.data.records import iter_records
 from chatforge.errors import ChatforgeError
 from chatforge.eval.metrics import bleu_chrf
-from chatforge.finetune.common import (
-    PretrainData,
-    WithReplay,
-    adapt,
-    data_sources,
-    forgetting,
-    load_base,
-    scaled_param_groups,
-    stage_dir,
-)
-from chatforge.finetune.peft import merge_lora
-from chatforge.io import write_json, write_jsonl
 from chatforge.model.generate import generate
 from chatforge.model.gpt import GPT
-from chatforge.train.checkpoint import save_model
-from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
-from chatforge.train.loop import TrainTask, seed_everything, train
-from chatforge.train.precision import resolve_device, resolve_precision
+from chatforge.train.loop import TrainResult
+from chatforge.train.stage import StageContext, StageParts, StageTest
 
 GEN_BATCH = 16
 
@@ -123,83 +108,46 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     return metrics, rows
 
 
-def finetune_chat(cfg: RunConfig, section: str, resume: bool = False, progress: bool = True,
-                  dist: DistInfo | None = None) -> dict[str, Any]:
-    """Chat SFT (``sft``) or a prompt -> completion task (``translate``) from the pre-trained model.
-
-    Under ``torchrun`` each rank trains on its slice of every batch (DDP); rank 0 alone
-    generates the held-out answers and writes; the other ranks return ``{}``."""
-    f: ChatTuneConfig = getattr(cfg, section)
-    out = stage_dir(cfg, section)
-    dist = dist or dist_from_env()
-    device = init_distributed(dist, resolve_device(f.device))
-    precision = resolve_precision(f.dtype, device)
-    seed_everything(f.seed)
-    model, tok = load_base(cfg, device)
+def build(ctx: StageContext) -> StageParts:
+    """Chat SFT (``sft``) or a prompt -> completion task (``translate``) on the parent model."""
+    f: ChatTuneConfig = ctx.section
+    section, tok, model, device = ctx.decl.name, ctx.tokenizer, ctx.backbone, ctx.device
     block = model.config.block_size
     max_tokens = min(f.max_len or block + 1, block + 1)
-
-    sources = data_sources(cfg, section)
-    train_ex, train_stats = load_chat_examples(sources["train"], tok, max_tokens)
-    val_ex, val_stats = load_chat_examples(sources["val"], tok, max_tokens)
+    train_ex, train_stats = load_chat_examples(ctx.sources["train"], tok, max_tokens)
+    val_ex, val_stats = load_chat_examples(ctx.sources["val"], tok, max_tokens)
     if not train_ex:
-        raise ChatforgeError(f"{sources['train']}: no usable conversations ({train_stats.summary()})")
-    for name, stats in (("train", train_stats), ("val", val_stats)) if dist.is_main else ():
-        print(f"{section} {name}: {stats.summary()}")
+        raise ChatforgeError(f"{ctx.sources['train']}: no usable conversations ({train_stats.summary()})")
+    for name, stats in (("train", train_stats), ("val", val_stats)):
+        ctx.say(f"{section} {name}: {stats.summary()}")
         for w in stats.warnings[:3]:
-            print(f"  warning: {w}")
-
-    params = adapt(model, f, section, keep_trainable=("lm_head",) if f.lora_r else (), dist=dist)
-    pre = PretrainData.of(cfg)
-    before = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
-    replay = pre.replay_loader(block, f.batch_size, f.seed, dist) if f.replay > 0 else None
-    chats = ChatBatches(train_ex, block, f.batch_size, seed=f.seed, pack=f.pack, pad_id=tok.pad_id, rank=dist.rank,
-                        world_size=dist.world_size)
-
-    def loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        value = chat_loss(m, {k: v for k, v in batch.items() if k != "lm"})  # "lm": the replay block pair
-        if "lm" in batch:
-            # through the unwrapped model: a second forward of the DDP wrapper before backward is not allowed
-            value = (1 - f.replay) * value + f.replay * model(*batch["lm"])[1]
-        return value
+            ctx.say(f"  warning: {w}")
+    chats = ChatBatches(train_ex, block, f.batch_size, seed=f.seed, pack=f.pack, pad_id=tok.pad_id,
+                        rank=ctx.dist.rank, world_size=ctx.dist.world_size)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         total, n = 0.0, 0
         for b in eval_batches(val_ex, block, f.batch_size, pack=f.pack, pad_id=tok.pad_id,
                               max_batches=f.eval_batches or None):
-            b = {k: v.to(device) for k, v in b.items()}
-            per_token = m(b["idx"], b["targets"], loss_mask=b["loss_mask"], doc_ids=b["doc_ids"],
-                          loss_reduction="none")[1]
-            total += float(per_token.sum())
-            n += int((b["loss_mask"] & (b["targets"] != -1)).sum())
+            loss_sum, count = chat_loss(m, b)
+            total, n = total + float(loss_sum), n + int(count)
         loss_value = total / max(n, 1)
         return {"val_loss": loss_value, "val_ppl": float(torch.tensor(loss_value).exp())}
 
-    task = TrainTask(
-        name=section, model=model, tokenizer=tok, batches=WithReplay(chats, replay, device), loss=loss,
-        tokens_per_micro_batch=chats.tokens_per_batch, evaluate=evaluate,
-        meta={"task": "chat" if section == "sft" else "generate"},
-        param_groups=scaled_param_groups(model, f.weight_decay, model, f.backbone_lr_scale)
-        if f.backbone_lr_scale != 1.0 and f.lora_r == 0 else None,
-    )
-    t0 = time.perf_counter()
-    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
-    wall = time.perf_counter() - t0
-    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
-        return {}
+    def test(m: nn.Module, result: TrainResult) -> StageTest:
+        gen, rows = evaluate_generation(m, tok, ctx.sources["test"], f.eval_generate, f.max_new_tokens, device)
+        metrics = {f"test_{k}" if k in ("bleu", "chrf", "status_correct") else k: v for k, v in gen.items()
+                   if not isinstance(v, str)}
+        details = {k: v for k, v in gen.items() if isinstance(v, str)}  # the sacrebleu signature
+        # the order-status check where the data has records, else chrF, else the held-out loss
+        primary = next((k for k in ("test_status_correct", "test_chrf") if k in metrics), "val_loss")
+        return StageTest(metrics=metrics, primary=primary, details=details, files={"answers.jsonl": rows})
 
-    merge_lora(model)
-    after = pre.heldout_loss(model, tok, f.forgetting_batches, precision)
-    gen_metrics, rows = evaluate_generation(model, tok, sources["test"], f.eval_generate, f.max_new_tokens, device)
-    save_model(out / "model", model, tok, {"stage": section, "task": task.meta["task"], "step": result.step})
-    write_jsonl(out / "answers.jsonl", rows)
-    metrics = {
-        **{f"test_{k}" if k in ("bleu", "chrf", "status_correct") else k: v for k, v in gen_metrics.items()},
-        **result.eval, **forgetting(before, after),
-        "trainable_params": params["trainable"], "total_params": params["total"], "method": params["method"],
-        "steps": result.step, "wall_time_s": round(wall, 2), "packing_fill": round(chats.fill_ratio(), 3),
-        "train_examples": train_stats.examples, "truncated": train_stats.truncated + val_stats.truncated,
-        "data": sources,
-    }
-    write_json(out / "eval.json", metrics)
-    return metrics
+    return StageParts(
+        model=model, batches=chats, loss=chat_loss, tokens_per_micro_batch=chats.tokens_per_batch,
+        evaluate=evaluate, test=test, keep_trainable=("lm_head",) if f.lora_r else (),
+        units_per_batch=train_stats.learned_tokens / max(1, len(chats.rows(0))) * f.batch_size,
+        info={"packing_fill": round(chats.fill_ratio(), 3), "train_examples": train_stats.examples,
+              "truncated": train_stats.truncated + val_stats.truncated,
+              "dropped": train_stats.dropped_no_learned + val_stats.dropped_no_learned},
+    )

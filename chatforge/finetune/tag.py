@@ -12,7 +12,6 @@ Reports entity-level precision/recall/F1 (conlleval semantics) on the test split
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,29 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.config import RunConfig, TagConfig
+from chatforge.config import TagConfig
 from chatforge.data.records import field_of, iter_records
 from chatforge.errors import DataError
 from chatforge.eval.metrics import bio_entities, entity_f1
-from chatforge.finetune.common import (
-    PretrainData,
-    ShuffledBatches,
-    WithReplay,
-    adapt,
-    data_sources,
-    forgetting,
-    load_base,
-    scaled_param_groups,
-    stage_dir,
-    task_replay,
-)
-from chatforge.finetune.peft import merge_lora
-from chatforge.io import write_json
+from chatforge.finetune.common import ShuffledBatches
 from chatforge.model.gpt import GPT
-from chatforge.train.checkpoint import save_model
-from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
-from chatforge.train.loop import TrainTask, seed_everything, train
-from chatforge.train.precision import resolve_device, resolve_precision
+from chatforge.train.loop import LossOutput, TrainResult
+from chatforge.train.stage import StageContext, StageParts, StageTest
 
 
 class TokenTagger(nn.Module):
@@ -136,66 +120,43 @@ def gold_tags(data: list[Tagged], tags: list[str]) -> list[list[str]]:
     return [[tags[t] for t in e.targets if t != -1] for e in data]
 
 
-def finetune_tagger(cfg: RunConfig, section: str = "tagging", resume: bool = False, progress: bool = True,
-                    dist: DistInfo | None = None) -> dict[str, Any]:
-    """Fine-tune a BIO tagger; under ``torchrun`` data-parallel, rank 0 alone tests and writes."""
-    f: TagConfig = getattr(cfg, section)
-    out = stage_dir(cfg, section)
-    dist = dist or dist_from_env()
-    device = init_distributed(dist, resolve_device(f.device))
-    precision = resolve_precision(f.dtype, device)
-    seed_everything(f.seed)
-    backbone, tok = load_base(cfg, device)
+def build(ctx: StageContext) -> StageParts:
+    """A BIO tagger (a linear layer on every position) on the parent GPT."""
+    f: TagConfig = ctx.section
+    backbone, tok, device, sources = ctx.backbone, ctx.tokenizer, ctx.device, ctx.sources
     max_len = min(f.max_len or backbone.config.block_size, backbone.config.block_size)
-    sources = data_sources(cfg, section)
     rows = {s: read_tagged(src, f.tokens_field, f.tags_field) for s, src in sources.items()}
     tags = sorted({t for _, _, ts in rows["train"] for t in ts}, key=lambda t: (t != "O", t))
     tag_index = {t: i for i, t in enumerate(tags)}
     sets, truncated = {}, {}
     for s, r in rows.items():
-        sets[s], truncated[s] = encode_tagged(r, tok, tag_index, max_len, warn=dist.is_main)
-
+        sets[s], truncated[s] = encode_tagged(r, tok, tag_index, max_len, warn=ctx.is_main)
     model = TokenTagger(backbone, len(tags)).to(device)
-    params = adapt(model, f, section, keep_trainable=("head",), dist=dist)
-    pre = PretrainData.of(cfg)
-    before = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    avg = sum(len(e.ids) for e in sets["train"]) / len(sets["train"])
-    replay = task_replay(pre, model, backbone, f, avg * f.batch_size, dist)
 
-    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         logits = m(batch["idx"], batch["attention_mask"])
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-1)
-        if "lm" in batch:
-            ce = (1 - f.replay) * ce + f.replay * backbone(*batch["lm"])[1]
-        return ce
+        targets = batch["targets"].reshape(-1)
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
+        return LossOutput(ce, (targets != -1).sum(), tokens=int(batch["attention_mask"].sum()))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         r = entity_f1(gold_tags(sets["val"], tags), predict_tags(m, sets["val"], tags, tok.pad_id, device))
         return {"val_entity_f1": r["f1"], "val_token_accuracy": r["token_accuracy"]}
 
-    task = TrainTask(name=section, model=model, tokenizer=tok,
-                     batches=WithReplay(ShuffledBatches(sets["train"], f.batch_size, f.seed,
-                                                        lambda ex: collate(ex, tok.pad_id, device), dist),
-                                        replay, device), loss=loss,
-                     tokens_per_micro_batch=max(1, round(avg * f.batch_size)), evaluate=evaluate,
-                     meta={"task": "tag", "tags": tags}, backbone=backbone,
-                     param_groups=scaled_param_groups(model, f.weight_decay, backbone, f.backbone_lr_scale))
-    t0 = time.perf_counter()
-    result = train(task, f, out, precision, dist, resume=resume, section=section, progress=progress)
-    wall = time.perf_counter() - t0
-    if not dist.is_main:  # no barrier: rank 0's test evaluation may outlast a collective's timeout
-        return {}
-    model.eval()
-    report = entity_f1(gold_tags(sets["test"], tags), predict_tags(model, sets["test"], tags, tok.pad_id, device))
-    after = pre.heldout_loss(backbone, tok, f.forgetting_batches, precision)
-    merge_lora(model)
-    save_model(out / "model", model, tok, {"stage": section, "task": "tag", "tags": tags, "step": result.step})
-    metrics = {
-        "test_entity_f1": report["f1"], "test_entity_precision": report["precision"],
-        "test_entity_recall": report["recall"], "test_token_accuracy": report["token_accuracy"],
-        "per_type": report["per_type"], **result.eval, **forgetting(before, after),
-        "trainable_params": params["trainable"], "total_params": params["total"], "method": params["method"],
-        "steps": result.step, "wall_time_s": round(wall, 2), "truncated": truncated, "tags": tags, "data": sources,
-    }
-    write_json(out / "eval.json", metrics)
-    return metrics
+    def test(m: nn.Module, result: TrainResult) -> StageTest:
+        report = entity_f1(gold_tags(sets["test"], tags), predict_tags(m, sets["test"], tags, tok.pad_id, device))
+        metrics = {"test_entity_f1": report["f1"], "test_entity_precision": report["precision"],
+                   "test_entity_recall": report["recall"], "test_token_accuracy": report["token_accuracy"]}
+        return StageTest(metrics=metrics, primary="test_entity_f1", details={"per_type": report["per_type"],
+                                                                             "tags": tags})
+
+    examples = sets["train"]
+    avg = sum(len(e.ids) for e in examples) / len(examples)
+    tagged = sum(sum(t != -1 for t in e.targets) for e in examples) / len(examples)
+    return StageParts(
+        model=model,
+        batches=ShuffledBatches(examples, f.batch_size, f.seed, lambda ex: collate(ex, tok.pad_id, device), ctx.dist),
+        loss=loss, tokens_per_micro_batch=max(1, round(avg * f.batch_size)), evaluate=evaluate, test=test,
+        meta={"tags": tags}, keep_trainable=("head",), units_per_batch=tagged * f.batch_size,
+        info={"truncated": truncated},
+    )

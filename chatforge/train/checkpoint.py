@@ -3,7 +3,8 @@
 A *model directory* is everything needed to use a model, and nothing more:
 
     model.safetensors   the weights (safetensors: no pickle, memory-mappable)
-    config.json         {"format": "chatforge-model", "architecture", "model": GPTConfig, "step", "stage", ...}
+    config.json         {"format": "chatforge-model", "architecture", "model": GPTConfig, "version",
+                         "step", "stage", "parent", ...}
     tokenizer/          the tokenizer the model was trained with
 
 A *checkpoint* (``ckpt/step_0000100/``) is a model directory plus ``trainer.pt``:
@@ -31,7 +32,7 @@ from torch import nn
 
 from chatforge import __version__
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.io import write_json
+from chatforge.io import sha256_file, write_json
 from chatforge.model.gpt import GPT, GPTConfig
 
 MODEL_FORMAT = "chatforge-model"
@@ -40,6 +41,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAINER_STATE = "trainer.pt"
+VERSION_CHARS = 12
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -81,6 +83,7 @@ def save_model(directory: Path, model: nn.Module, tokenizer: Any, meta: dict[str
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
+        version = sha256_file(tmp / WEIGHTS)[:VERSION_CHARS]
         tokenizer.save(tmp / TOKENIZER_DIR)
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
@@ -91,9 +94,23 @@ def save_model(directory: Path, model: nn.Module, tokenizer: Any, meta: dict[str
             "model": _backbone(model).config.to_dict(),
             "chatforge_version": __version__,
             **(meta or {}),
+            "version": version,
         }
         write_json(tmp / CONFIG, config)  # written last: a directory with config.json is complete
     return directory
+
+
+def model_version(directory: Path) -> str:
+    """A model's version: the first 12 hex digits of its weights' sha256 (recorded in its config.json
+    when it was saved; computed for models saved before versions were recorded)."""
+    config = read_model_config(directory)
+    version = config.get("version")
+    if isinstance(version, str) and version:
+        return version
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise ChatforgeError(f"{directory}: {WEIGHTS} is missing: not a chatforge model directory")
+    return sha256_file(weights)[:VERSION_CHARS]
 
 
 def read_model_config(directory: Path) -> dict[str, Any]:

@@ -61,13 +61,13 @@ def shutdown_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of ``value`` over ranks (itself for one process)."""
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``value`` over ranks (itself for one process)."""
     if not info.enabled:
         return value
     value = value.clone()
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
-    return value / info.world_size
+    return value
 
 
 def barrier(info: DistInfo) -> None:

@@ -5,6 +5,17 @@ weights, the LR schedule, gradient accumulation up to ``tokens_per_step``,
 clipping, mixed precision, DDP, held-out evaluation and samples, non-finite loss
 detection, metrics, a progress bar, and checkpoints that resume exactly.
 
+The loss contract: a stage's loss returns ``(sum, count, metrics)``, the loss
+summed over the micro-batch's units (learned tokens, examples, pairs) and how
+many units there were. The loop back-propagates the sums, then divides the
+gradients by the count all-reduced over the step's micro-batches and ranks. So
+an optimizer step's gradient is that of the mean over every unit of the step,
+however the units are grouped: 1 micro-batch of 8 rows, 2 of 4, or 2 ranks of 4
+give the same gradient even when the rows hold different numbers of learned
+tokens (a mean of micro-batch means would weight a short row's tokens more).
+``metrics`` maps names to ``(sum, count)`` pairs reduced the same way, and
+logged beside the loss (e.g. accuracy over a step's examples).
+
 Exact resume: a checkpoint holds the weights, optimizer and loss-scaler state,
 every RNG state and the batch iterator's position. Restoring them all makes the
 steps after a resume the same computation as in an uninterrupted run, so (on the
@@ -42,7 +53,7 @@ from chatforge.train.checkpoint import (
     read_model_config,
     save_model,
 )
-from chatforge.train.dist import DistInfo, all_reduce_mean
+from chatforge.train.dist import DistInfo, all_reduce_sum
 from chatforge.train.metrics_log import MetricsLog
 from chatforge.train.precision import Precision
 from chatforge.train.schedule import lr_multiplier
@@ -50,6 +61,33 @@ from chatforge.train.schedule import lr_multiplier
 
 class NonFiniteLossError(ChatforgeError):
     """The loss or the gradient became NaN/inf: the run stops rather than continue silently."""
+
+
+Number = torch.Tensor | float | int
+
+
+@dataclass
+class LossOutput:
+    """What a stage's loss returns for one micro-batch (see the module docstring)."""
+
+    sum: torch.Tensor  # the loss summed over the micro-batch's units, with its graph
+    count: Number  # how many units (learned tokens, examples, pairs) the sum is over
+    metrics: dict[str, tuple[Number, Number]] = field(default_factory=dict)  # name -> (sum, count)
+    tokens: int | None = None  # input tokens processed (for tok/s); None: the task's tokens_per_micro_batch
+
+
+LossFn = Callable[[nn.Module, Any], "LossOutput | tuple"]
+
+
+def as_loss_output(value: Any, task_name: str) -> LossOutput:
+    """A ``LossOutput`` from what a loss returned: a ``LossOutput``, ``(sum, count)`` or
+    ``(sum, count, metrics)``; anything else (e.g. a bare mean) is a clear error."""
+    if isinstance(value, LossOutput):
+        return value
+    if isinstance(value, tuple) and len(value) in (2, 3):
+        return LossOutput(value[0], value[1], value[2] if len(value) == 3 else {})
+    raise ChatforgeError(f"{task_name}: the loss must return (sum, count) or (sum, count, metrics) (the loop "
+                         f"divides by the count over the whole step), got {type(value).__name__}")
 
 
 @dataclass
@@ -60,7 +98,7 @@ class TrainTask:
     model: nn.Module  # on its device, not wrapped in DDP
     tokenizer: Any  # saved into every checkpoint
     batches: Any  # endless iterator of micro-batches with state_dict()/load_state_dict()
-    loss: Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> scalar mean loss; model may be DDP
+    loss: LossFn  # (model, batch) -> LossOutput | (sum, count[, metrics]); model may be DDP
     tokens_per_micro_batch: int  # tokens one micro-batch trains on, per process (for accumulation and tok/s)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # held-out metrics, e.g. val_loss
     sample: Callable[[nn.Module], list[str]] | None = None  # generations shown at eval time
@@ -70,21 +108,88 @@ class TrainTask:
     backbone: nn.Module | None = None
     # AdamW groups (e.g. with an "lr_scale" per group); None: ``make_adamw``'s decay / no-decay split
     param_groups: list[dict[str, Any]] | None = None
+    # called after every optimizer step with (step, that step's logged metrics): KL controllers,
+    # reference-model refresh, inner epochs. Runs on every rank.
+    after_step: Callable[[int, dict[str, float]], None] | None = None
 
 
 @dataclass
 class TrainResult:
     step: int
     tokens: int
-    wall_time_s: float
+    wall_time_s: float  # training time over every session of the run (resumes add up)
     last_train_loss: float
     eval: dict[str, float]
     checkpoint: Path | None
     samples: list[str]
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.wall_time_s, 1e-9)
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's reduced numbers (the same on every rank)."""
+
+    loss: float  # sum / count over the step's micro-batches and ranks
+    count: float
+    tokens: int  # input tokens over micro-batches and ranks
+    metrics: dict[str, float]
+
+
+def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: list[Any], precision: Precision,
+                         dist: DistInfo, params: list[torch.nn.Parameter], scaler: Any = None,
+                         default_tokens: int = 0, task_name: str = "train") -> StepStats:
+    """Forward and backward ``batches`` (this rank's micro-batches of one step), leaving in every
+    parameter's ``.grad`` the gradient of the step's mean loss: sum over every rank's units divided
+    by their count. ``model`` may be DDP-wrapped (gradients then sync on the last micro-batch).
+
+    DDP averages gradients over ranks, so after it every ``.grad`` holds
+    ``(1/W) * sum_r grad(sum_r)``; multiplying by ``W / count`` gives ``grad(sum / count)``. The sums
+    are back-propagated divided by one constant (``default_tokens``, the same on every rank and
+    micro-batch) and multiplied back at the end, so fp16 loss scaling sees values of a mean's size."""
+    device = precision.device
+    norm = float(max(default_tokens, 1))
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    tokens = 0
+    metric_sums: dict[str, list[torch.Tensor]] = {}
+    for micro, batch in enumerate(batches):
+        sync = not dist.enabled or micro == len(batches) - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with precision.autocast():
+                out = as_loss_output(loss_fn(model, batch), task_name)
+            total = out.sum.float()
+            scaled = total / norm
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += total.detach()
+        count += torch.as_tensor(out.count, dtype=torch.float32, device=device)
+        tokens += default_tokens if out.tokens is None else int(out.tokens)
+        for name, (msum, mcount) in out.metrics.items():
+            pair = metric_sums.setdefault(name, [torch.zeros((), device=device), torch.zeros((), device=device)])
+            pair[0] += torch.as_tensor(msum, dtype=torch.float32, device=device).detach()
+            pair[1] += torch.as_tensor(mcount, dtype=torch.float32, device=device).detach()
+    names = list(metric_sums)
+    sums = [loss_sum, count, torch.tensor(float(tokens), device=device)]
+    for name in names:
+        sums.extend(metric_sums[name])
+    reduced = all_reduce_sum(torch.stack(sums), dist).tolist()
+    total_count = reduced[1]
+    scale = norm * dist.world_size / total_count if total_count > 0 else 0.0  # no units: nothing to learn
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    metrics = {name: reduced[3 + 2 * i] / max(reduced[4 + 2 * i], 1e-12) for i, name in enumerate(names)}
+    return StepStats(loss=reduced[0] / total_count if total_count > 0 else 0.0, count=total_count,
+                     tokens=int(reduced[2]), metrics=metrics)
+
 
 def grad_accum_steps(cfg: TrainConfig, tokens_per_micro_batch: int, world_size: int, section: str) -> int:
-    """Micro-batches per optimizer step on each process to reach ``tokens_per_step``."""
+    """Micro-batches per optimizer step on each process: ``grad_accum`` when set, else as many
+    as reach ``tokens_per_step``."""
+    if cfg.grad_accum:
+        return cfg.grad_accum
     per_round = tokens_per_micro_batch * world_size
     if cfg.tokens_per_step == 0:
         return 1
@@ -138,14 +243,16 @@ def train(
     raw_model = task.model
     backbone = task.backbone or raw_model
     accum = grad_accum_steps(cfg, task.tokens_per_micro_batch, dist.world_size, section)
-    tokens_per_step = task.tokens_per_micro_batch * accum * dist.world_size
 
     if task.param_groups is not None:
         optimizer = torch.optim.AdamW(task.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     else:
         optimizer = make_adamw(raw_model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), precision.device.type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = precision.grad_scaler()
     step, tokens_seen = 0, 0
+    time_before = 0.0  # training seconds of earlier sessions of this run (resumes add up)
+    last_loss = float("nan")
     log = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard, cfg.wandb_project, task.name,
                      {"train": vars(cfg)}) if dist.is_main else None
     last_ckpt: Path | None = None
@@ -167,6 +274,8 @@ def train(
         task.batches.load_state_dict(state["batches"][mine])
         _set_rng_state(state["rng"][mine])
         step, tokens_seen = state["step"], state["tokens"]
+        time_before = float(state.get("train_time_s", 0.0))
+        last_loss = float(state.get("last_loss", float("nan")))
         if log:
             log.truncate_after(step)
     else:
@@ -189,7 +298,9 @@ def train(
     start_time = time.perf_counter()
     result_eval: dict[str, float] = {}
     samples: list[str] = []
-    last_loss = float("nan")
+
+    def train_time() -> float:
+        return time_before + time.perf_counter() - start_time
 
     def run_eval(at_step: int) -> None:
         nonlocal result_eval, samples
@@ -216,7 +327,7 @@ def train(
             "step": at_step, "tokens": tokens_seen, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "batches": _gather(task.batches.state_dict(), dist), "rng": _gather(_rng_state(), dist),
-            "train_config": vars(cfg),
+            "train_config": vars(cfg), "train_time_s": train_time(), "last_loss": last_loss,
         }
         path = checkpoint_path(ckpt_root, at_step)
         if dist.is_main:
@@ -234,6 +345,10 @@ def train(
     raw_model.train()
     if step == 0 and (cfg.eval_every or cfg.sample_every):
         run_eval(0)
+    elif step >= cfg.max_steps:
+        # Resumed from the final checkpoint (killed before the stage finished): no step is left,
+        # but the final evaluation and samples still belong to the result.
+        run_eval(step)
     tok_s_ema = 0.0
     try:
         while step < cfg.max_steps:
@@ -242,21 +357,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. a lower LR for a fine-tuned backbone
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=precision.device)
-            for micro in range(accum):
-                batch = next(task.batches)
-                sync = not dist.enabled or micro == accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with precision.autocast():
-                        loss = task.loss(model, batch)
-                    loss_sum += loss.detach().float()
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            micro_batches = [next(task.batches) for _ in range(accum)]
+            stats = accumulate_gradients(model, task.loss, micro_batches, precision, dist, params, scaler,
+                                         default_tokens=task.tokens_per_micro_batch, task_name=task.name)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
-            step_loss = float(all_reduce_mean(loss_sum / accum, dist))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            step_loss = stats.loss
             if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
                 what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -272,22 +380,25 @@ def train(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens_per_step
+            tokens_seen += stats.tokens
             last_loss = step_loss
             dt = time.perf_counter() - t0
-            tok_s = tokens_per_step / max(dt, 1e-9)
+            tok_s = stats.tokens / max(dt, 1e-9)
             tok_s_ema = tok_s if tok_s_ema == 0 else 0.9 * tok_s_ema + 0.1 * tok_s
             mfu = None
             if peak and task.flops_per_token:
                 mfu = task.flops_per_token * tok_s / (peak * dist.world_size)
             postfix = {"loss": f"{step_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s_ema:,.0f}"}
+            postfix.update({name: f"{v:.3g}" for name, v in stats.metrics.items()})
             if mfu is not None:
                 postfix["mfu"] = f"{100 * mfu:.1f}%"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            if task.after_step is not None:
+                task.after_step(step, {"loss": step_loss, **stats.metrics})
             if log and (step == 1 or cfg.log_every and step % cfg.log_every == 0 or step == cfg.max_steps):
                 rec = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens": tokens_seen, "tok_per_s": tok_s, "time_s": time.perf_counter() - start_time}
+                       "tokens": tokens_seen, "tok_per_s": tok_s, "time_s": train_time(), **stats.metrics}
                 if mfu is not None:
                     rec["mfu"] = mfu
                 log.log(rec)
@@ -301,8 +412,8 @@ def train(
         bar.close()
         if log:
             log.close()
-    return TrainResult(step=step, tokens=tokens_seen, wall_time_s=time.perf_counter() - start_time,
-                       last_train_loss=last_loss, eval=result_eval, checkpoint=last_ckpt, samples=samples)
+    return TrainResult(step=step, tokens=tokens_seen, wall_time_s=train_time(), last_train_loss=last_loss,
+                       eval=result_eval, checkpoint=last_ckpt, samples=samples)
 
 
 def _gather(obj: Any, dist: DistInfo) -> list[Any]:

@@ -3,12 +3,13 @@
 Writes under ``runs/<name>/pretrain/``: ``ckpt/step_N/`` (resumable checkpoints),
 ``model/`` (the final weights + config + tokenizer, what later stages load),
 ``metrics.jsonl`` and ``eval.json`` (held-out loss, perplexity, bits per byte,
-against the unigram baseline, and samples).
+against the unigram baseline, and samples). ``pretrain.init_from`` continues from
+a model (e.g. mid-training) instead of a fresh one; the harness
+(``train.stage``) does the shared work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,60 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from chatforge.config import ModelConfig, RunConfig
+from chatforge.config import RunConfig
 from chatforge.data.loader import TokenLoader, iter_eval_blocks
 from chatforge.data.shard import open_shard, split_files
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError
 from chatforge.eval.lm import evaluate_lm, token_byte_lengths, unigram_baseline
-from chatforge.io import write_json
 from chatforge.model.generate import generate
-from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train.checkpoint import save_model
-from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
-from chatforge.train.loop import TrainTask, seed_everything, train
-from chatforge.train.precision import resolve_device, resolve_precision
+from chatforge.train.dist import DistInfo
+from chatforge.train.loop import TrainResult
+from chatforge.train.stage import StageContext, StageParts, StageTest, run_stage, same_tokenizer
 
 N_SAMPLES = 3
 SAMPLE_PROMPT_TOKENS = 8
-
-
-def gpt_config(m: ModelConfig, vocab_size: int) -> GPTConfig:
-    """The GPT shape a ``[model]`` section describes, for a tokenizer of ``vocab_size``."""
-    overrides: dict[str, Any] = {
-        "mlp_ratio": m.mlp_ratio, "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm,
-        "dropout": m.dropout, "logit_softcap": m.logit_softcap, "rope_theta": m.rope_theta,
-    }
-    if m.n_embd:
-        overrides["n_embd"] = m.n_embd
-    if m.n_head:
-        overrides["n_head"] = m.n_head
-    if m.n_kv_head:
-        overrides["n_kv_head"] = m.n_kv_head
-    try:
-        return GPTConfig.from_depth(m.depth, vocab_size=vocab_size, block_size=m.block_size, **overrides)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("GPTConfig.", "model.")) from e
-
-
-@dataclass(frozen=True)
-class PretrainPaths:
-    root: Path
-
-    @property
-    def ckpt(self) -> Path:
-        return self.root / "ckpt"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval.json"
 
 
 def sample_prompts(val_files: list[Path], bos_id: int, n: int = N_SAMPLES,
@@ -89,9 +48,9 @@ def sample_prompts(val_files: list[Path], bos_id: int, n: int = N_SAMPLES,
     return prompts
 
 
-def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
     x, y = batch
-    return model(x, y)[1]
+    return model(x, y, loss_reduction="sum")[1], int((y != -1).sum())
 
 
 class _DeviceBatches:
@@ -112,37 +71,27 @@ class _DeviceBatches:
         self.loader.load_state_dict(state)
 
 
-def pretrain(cfg: RunConfig, resume: bool = False, progress: bool = True, dist: DistInfo | None = None
-             ) -> dict[str, Any]:
-    """Pre-train a GPT on the run's shards; returns the metrics written to ``eval.json``."""
-    from chatforge.pipeline import paths
-    from chatforge.tokenizer import load_tokenizer
-
-    run = paths(cfg)
-    out = PretrainPaths(run.pretrain)
-    t = cfg.pretrain
-    dist = dist or dist_from_env()
-    device = init_distributed(dist, resolve_device(t.device))
-    precision = resolve_precision(t.dtype, device)
-
-    tokenizer = load_tokenizer(run.tokenizer)
+def build(ctx: StageContext) -> StageParts:
+    """Pre-training's part of the stage contract: token blocks from the run's shards, next-token loss,
+    held-out loss / perplexity / bits per byte, samples, and the unigram baseline at the end."""
+    run, t, tokenizer, model, device = ctx.run, ctx.section, ctx.tokenizer, ctx.backbone, ctx.device
     train_files, val_files = split_files(run.data, "train"), split_files(run.data, "val")
     if not train_files or not val_files:
         raise ChatforgeError(f"{run.data}: no train/val shards; run `chatforge data shard` (or the pipeline) first")
-    model_cfg = gpt_config(cfg.model, tokenizer.vocab_size)
-    loader = TokenLoader(train_files, model_cfg.block_size, t.batch_size, seed=t.seed, rank=dist.rank,
-                         world_size=dist.world_size)
+    block = model.config.block_size
+    loader = TokenLoader(train_files, block, t.batch_size, seed=t.seed, rank=ctx.dist.rank,
+                         world_size=ctx.dist.world_size)
     if loader.vocab_size != tokenizer.vocab_size:
         raise ChatforgeError(f"{run.data}: shards were written with a {loader.vocab_size}-token vocabulary, the "
-                             f"tokenizer in {run.tokenizer} has {tokenizer.vocab_size}: re-run `chatforge data shard`")
-
-    seed_everything(t.seed)  # same initial weights on every rank
-    model = GPT(model_cfg).to(device)
+                             f"model's tokenizer has {tokenizer.vocab_size}: re-run `chatforge data shard`")
+    if ctx.parent and not same_tokenizer(ctx.parent.path / "tokenizer", run.tokenizer):
+        raise ChatforgeError(f"pretrain.init_from: {ctx.parent.path} has another tokenizer than the run's shards "
+                             f"({run.tokenizer}); continue pre-training on shards written with the model's tokenizer")
     token_bytes = token_byte_lengths(tokenizer)
     prompts = sample_prompts(val_files, tokenizer.bos_id)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        blocks = iter_eval_blocks(val_files, model_cfg.block_size, t.batch_size, t.eval_batches or None)
+        blocks = iter_eval_blocks(val_files, block, t.batch_size, t.eval_batches or None)
         return evaluate_lm(m, blocks, token_bytes, device)
 
     def sample(m: nn.Module) -> list[str]:
@@ -152,29 +101,21 @@ def pretrain(cfg: RunConfig, resume: bool = False, progress: bool = True, dist: 
                         stop_tokens=[tokenizer.bos_id], device=device)
         return [tokenizer.decode(p[1:] + o) for p, o in zip(prompts, outs)]
 
-    task = TrainTask(
-        name="pretrain", model=model, tokenizer=tokenizer, batches=_DeviceBatches(loader, device), loss=lm_loss,
-        tokens_per_micro_batch=t.batch_size * model_cfg.block_size, evaluate=evaluate, sample=sample,
-        flops_per_token=model.flops_per_token(), meta={"dtype": precision.name},
-    )
-    if dist.is_main and progress:
-        print(f"pretrain: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
-              f"without embeddings), n_layer={model_cfg.n_layer} n_embd={model_cfg.n_embd} "
-              f"n_head={model_cfg.n_head} block_size={model_cfg.block_size}, {precision.name} on {device}, "
-              f"{loader.tokens_per_epoch:,} train tokens per epoch")
-    result = train(task, t, out.root, precision, dist, resume=resume, section="pretrain", progress=progress)
-
-    metrics: dict[str, Any] = {}
-    if dist.is_main:
-        save_model(out.model, model, tokenizer, {"stage": "pretrain", "step": result.step, "tokens": result.tokens})
+    def test(m: nn.Module, result: TrainResult) -> StageTest:
         baseline = unigram_baseline(train_files, val_files, tokenizer.vocab_size, token_bytes)
-        metrics = {
-            **result.eval, **baseline,
-            "steps": result.step, "train_tokens": result.tokens, "final_train_loss": result.last_train_loss,
-            "wall_time_s": round(result.wall_time_s, 2),
-            "tokens_per_s": round(result.tokens / max(result.wall_time_s, 1e-9), 1),
-            "params": model.num_params(), "dtype": precision.name, "device": str(device),
-            "world_size": dist.world_size, "samples": result.samples,
-        }
-        write_json(out.eval, metrics)
-    return metrics
+        return StageTest(metrics=dict(baseline), primary="val_ppl", details={"samples": result.samples})
+
+    c = model.config
+    ctx.say(f"pretrain: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
+            f"without embeddings), n_layer={c.n_layer} n_embd={c.n_embd} n_head={c.n_head} block_size={block}, "
+            f"{ctx.precision.name} on {device}, {loader.tokens_per_epoch:,} train tokens per epoch"
+            + (f", from {ctx.parent.path}" if ctx.parent else ""))
+    return StageParts(model=model, batches=_DeviceBatches(loader, device), loss=lm_loss,
+                      tokens_per_micro_batch=t.batch_size * block, evaluate=evaluate, sample=sample, test=test,
+                      flops_per_token=model.flops_per_token())
+
+
+def pretrain(cfg: RunConfig, resume: bool = False, progress: bool = True, dist: DistInfo | None = None
+             ) -> dict[str, Any]:
+    """Pre-train a GPT on the run's shards; returns its ``eval.json``."""
+    return run_stage(cfg, "pretrain", resume=resume, progress=progress, dist=dist)
