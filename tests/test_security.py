@@ -11,6 +11,7 @@ hardening each one fails (the old answer is in the test's docstring).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -153,37 +154,48 @@ def test_login_refuses_redirects_off_the_site(server, target):
     assert r.status_code == 200 and r.json()["next"] == "/chat"
 
 
-def test_login_page_stays_on_the_site_in_a_real_browser(server):
-    """The same in chromium: log in on /login?next=/%09/evil.example/phish and see where the browser goes."""
+@contextlib.contextmanager
+def browser_page(base: str):
+    """A chromium page whose every request off ``base`` is aborted before it leaves (and recorded in
+    ``page.left``), with a host resolver that resolves nothing; ``page.problems`` collects uncaught
+    errors and Content-Security-Policy violations."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     chromium = os.environ.get("CHATFORGE_CHROMIUM", "/usr/bin/chromium")
     if not Path(chromium).exists():
         pytest.skip(f"no chromium at {chromium} (set CHATFORGE_CHROMIUM to a chromium binary)")
-    base, _ = server
-    left: list[str] = []
     args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # resolve nothing, even if asked
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=args)
         try:
             page = browser.new_page()
+            page.left, page.problems = [], []
 
             def only_this_server(route) -> None:
                 if route.request.url.startswith(base + "/"):
                     route.continue_()
                 else:  # never let a request leave this machine
-                    left.append(route.request.url)
+                    page.left.append(route.request.url)
                     route.abort()
 
             page.route("**/*", only_this_server)
-            page.goto(base + "/login?next=/%09/evil.example/phish")
-            page.fill("#username-input", "rev6")
-            page.fill("#password-input", PASSWORD)
-            page.click("#login-button")
-            page.wait_for_url(re.compile(re.escape(base) + r"/chat$"), timeout=15_000)
+            page.on("pageerror", lambda exc: page.problems.append(f"page error: {exc}"))
+            page.on("console", lambda msg: page.problems.append(msg.text) if msg.type == "error" else None)
+            yield page
         finally:
             browser.close()
-    assert not left, f"the browser tried to leave the site: {left}"
+
+
+def test_login_page_stays_on_the_site_in_a_real_browser(server):
+    """The same in chromium: log in on /login?next=/%09/evil.example/phish and see where the browser goes."""
+    base, _ = server
+    with browser_page(base) as page:
+        page.goto(base + "/login?next=/%09/evil.example/phish")
+        page.fill("#username-input", "rev6")
+        page.fill("#password-input", PASSWORD)
+        page.click("#login-button")
+        page.wait_for_url(re.compile(re.escape(base) + r"/chat$"), timeout=15_000)
+        assert not page.left, f"the browser tried to leave the site: {page.left}"
 
 
 # --------------------------------------------------------------------------- 4. deeply nested JSON
@@ -405,6 +417,12 @@ def test_docs_are_off_unless_asked_for_and_then_local(server, tmp_path):
         init = c.get("/docs/init.js").text
         assert "http" not in init and "validatorUrl: null" in init
         assert "/v1/chat/completions" in c.get("/openapi.json").json()["paths"]
+        assert c.get("/docs/assets/../docs.py").status_code == 404  # only Swagger UI's own files
+        with browser_page(docs_base) as browser:  # it renders, under that CSP, from this server alone
+            browser.goto(docs_base + "/docs")
+            browser.wait_for_selector(".opblock", timeout=20_000)
+            assert "/v1/chat/completions" in browser.locator("#swagger-ui").inner_text()
+            assert not browser.left and not browser.problems, (browser.left, browser.problems)
 
 
 def test_secrets_stay_off_the_command_line(tmp_path):

@@ -122,7 +122,7 @@ async def identify(state: ServeState, key: str, address: str) -> str | None:
     known = state.known_keys.get(digest)
     if known is not None and known[1] > time.monotonic():
         return known[0]
-    async with state.key_lookup:
+    async with state.key_lookup():
         known = state.known_keys.get(digest)  # a parallel request may have just looked it up
         if known is not None and known[1] > time.monotonic():
             return known[0]

@@ -101,7 +101,7 @@ class ServeState:
     token_limiter: RateLimiter = field(init=False)  # tokens per key / address
     login_throttle: FailureThrottle = field(init=False)  # per account + address
     key_throttle: FailureThrottle = field(init=False)  # wrong API keys, per address
-    key_lookup: asyncio.Lock = field(init=False)  # one unknown-key lookup at a time (see openai_api.guard)
+    _key_lookup: tuple[Any, asyncio.Lock] | None = field(init=False, default=None)  # (event loop, lock)
     known_keys: dict[str, tuple[str, float]] = field(init=False)  # sha256(key) -> (ident, valid until)
 
     def __post_init__(self) -> None:
@@ -116,8 +116,15 @@ class ServeState:
         self.token_limiter = RateLimiter(self.settings.rate_limit_tokens_per_minute if per_minute > 0 else 0)
         self.login_throttle = FailureThrottle()
         self.key_throttle = FailureThrottle()
-        self.key_lookup = asyncio.Lock()
         self.known_keys = {}
+
+    def key_lookup(self) -> asyncio.Lock:
+        """The lock that makes unknown-key lookups one at a time (see ``openai_api.identify``); one per
+        event loop, since an asyncio lock belongs to the loop it first waited in."""
+        loop = asyncio.get_running_loop()
+        if self._key_lookup is None or self._key_lookup[0] is not loop:
+            self._key_lookup = (loop, asyncio.Lock())
+        return self._key_lookup[1]
 
     def model(self, model_id: str | None) -> ServedModel:
         """The model called ``model_id`` (None: the default one)."""
