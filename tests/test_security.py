@@ -396,6 +396,18 @@ def test_wrong_api_keys_back_off_before_any_lookup(tmp_path, monkeypatch):
             assert len(lookups) == n
 
 
+def test_a_server_that_needs_no_key_ignores_dummy_keys_cheaply(server, monkeypatch):
+    """OpenAI clients always send a key, often "EMPTY", to a server that needs none: those requests
+    keep working (as if they sent none), and once the address backs off they cost no lookup."""
+    lookups = []
+    real = service.user_for_api_key
+    monkeypatch.setattr(service, "user_for_api_key", lambda store, key: (lookups.append(key), real(store, key))[1])
+    base, _ = server
+    with client(base, "127.0.0.4") as c:
+        codes = [c.get("/v1/models", headers={"Authorization": "Bearer EMPTY"}).status_code for _ in range(12)]
+    assert codes == [200] * 12 and len(lookups) == FREE
+
+
 def test_docs_are_off_unless_asked_for_and_then_local(server, tmp_path):
     """GET /docs. Before: 200, a page loading Swagger UI from a CDN, no CSP, open although keys were
     required. Now: 404 (and no /openapi.json) unless --docs; with it, every asset from this server

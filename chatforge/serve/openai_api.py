@@ -103,9 +103,10 @@ async def identify(state: ServeState, key: str, address: str) -> str | None:
     The server's own keys are compared in constant time with no lookup. Any other key is
     counted as a failed attempt of ``address`` *before* it is looked up in the store (one
     lookup at a time, so parallel guesses are counted one by one), and an address backing
-    off gets 429 without a lookup. A store key found valid is remembered for ``KEY_CACHE_S``
-    seconds (by its hash), so a client sending many requests with it costs no lookups and
-    never meets the back-off."""
+    off gets no lookup: 429 when the API needs a key, else it goes on without one (OpenAI
+    clients always send some key, e.g. "EMPTY", to a server that needs none). A store key
+    found valid is remembered for ``KEY_CACHE_S`` seconds (by its hash), so a client sending
+    many requests with it costs no lookups and never meets the back-off."""
     given = key.encode("utf-8")
     match = False
     for k in state.settings.api_keys:  # compare with every key: the time does not tell which one matched
@@ -113,9 +114,9 @@ async def identify(state: ServeState, key: str, address: str) -> str | None:
     if match:
         return key_fingerprint(key)
     digest = hashlib.sha256(given).hexdigest()
-    throttle_key = f"ip:{address}"
-    if state.store is None:  # nothing to look up, but a guess at the server's keys all the same
-        wait = state.key_throttle.attempt(throttle_key)
+    throttle_key, required = f"ip:{address}", bool(state.settings.api_keys)
+    if state.store is None:  # nothing to look up; with keys required, a guess at them all the same
+        wait = state.key_throttle.attempt(throttle_key) if required else 0.0
         if wait:
             raise _too_many_wrong_keys(wait)
         return None
@@ -128,7 +129,9 @@ async def identify(state: ServeState, key: str, address: str) -> str | None:
             return known[0]
         wait = state.key_throttle.attempt(throttle_key)
         if wait:
-            raise _too_many_wrong_keys(wait)
+            if required:
+                raise _too_many_wrong_keys(wait)
+            return None  # the API needs no key: go on without one, and without a lookup
         from chatforge.store import service
 
         user = await run_in_threadpool(service.user_for_api_key, state.store, key)
