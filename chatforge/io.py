@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by every stage: atomic writes and JSONL with located errors.
+"""Small I/O helpers shared by every stage: atomic writes, JSON with a nesting limit, JSONL with located errors.
 
 Every file a stage produces is written to a temporary file next to its target and
 renamed into place only once complete, so a crash or a bad input never leaves a
@@ -9,14 +9,57 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from chatforge.errors import DataError
+
+# Deeper JSON than this is refused where untrusted input is parsed (request bodies, imported rows):
+# real chat/label data nests 3-6 levels, and a deeply nested value would make later recursive code
+# (json.dumps, validation) fail with RecursionError far from where it came in.
+MAX_JSON_DEPTH = 32
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than the allowed depth."""
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_nesting(text: str) -> int:
+    """How deeply the containers of a *valid* JSON text nest (``[]`` is 1, ``{"a": [1]}`` is 2).
+
+    Works on the text with C-speed regex and ``accumulate`` rather than walking the parsed value,
+    so a 1 MB body of scalars costs milliseconds. Only for text ``json.loads`` accepted: there every
+    quote outside a string opens one that closes, so the string pattern runs in linear time."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses nesting deeper than ``max_depth`` with ``JSONTooDeep``.
+
+    Bytes must be UTF-8 (``UnicodeDecodeError`` otherwise); malformed JSON raises
+    ``json.JSONDecodeError`` as usual; nesting deep enough to exhaust the parser's recursion
+    becomes ``JSONTooDeep`` too, never a ``RecursionError``."""
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeep(f"JSON nested more than {max_depth} levels deep") from None
+    if text.count("[") + text.count("{") > max_depth and json_nesting(text) > max_depth:
+        raise JSONTooDeep(f"JSON nested more than {max_depth} levels deep")
+    return obj
 
 
 @contextlib.contextmanager
@@ -59,11 +102,12 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, max_depth: int | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file.
 
-    Streams the file (constant memory). Invalid UTF-8, malformed JSON and lines
-    that are not JSON objects raise ``DataError`` naming the file and line.
+    Streams the file (constant memory). Invalid UTF-8, malformed JSON, lines that
+    are not JSON objects and (with ``max_depth``, or past the parser's recursion
+    limit) too deeply nested lines raise ``DataError`` naming the file and line.
     """
     path = Path(path)
     try:
@@ -79,9 +123,13 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line") from e
             try:
-                obj = json.loads(line)
+                obj = parse_json(line, max_depth) if max_depth is not None else json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+            except JSONTooDeep as e:
+                raise DataError(f"{path}:{lineno}: {e}") from e
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to parse") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj

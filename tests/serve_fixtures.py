@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.serve.app import ServeSettings, create_app
+from chatforge.serve.app import ServeSettings, create_app, uvicorn_options
 from chatforge.store import service
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train.checkpoint import save_model
@@ -56,9 +56,10 @@ def save_tiny_model(directory: Path, seed: int = 0, context: int = CONTEXT) -> P
 
 
 def settings_for(tmp: Path, models: list[tuple[str | None, Path]], **overrides: Any) -> ServeSettings:
+    # "testserver" is the Host header of FastAPI's TestClient; a live server is reached at 127.0.0.1
     fields: dict[str, Any] = dict(models=models, db_url=f"sqlite:///{tmp / 'feedback.db'}",
                                   admin_password=ADMIN_PASSWORD, rate_limit_per_minute=0, max_batch=8,
-                                  device="cpu")
+                                  device="cpu", allowed_hosts=("testserver",))
     fields.update(overrides)
     return ServeSettings(**fields)
 
@@ -108,12 +109,14 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    """Run ``app`` with uvicorn on a free loopback port in a thread, configured as ``chatforge serve``
+    configures it (``uvicorn_options``: which proxy headers are believed); yields the base URL."""
     import uvicorn
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on", access_log=False))
+                                           lifespan="on", access_log=False,
+                                           **uvicorn_options(app.state.cf.settings)))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

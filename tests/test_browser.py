@@ -147,6 +147,22 @@ def test_login_nav_roles_logout(page, server):
     page.wait_for_url(re.compile(r"/login\?next="))
 
 
+def test_log_out_everywhere_ends_the_other_browsers_session(page, browser, server):
+    base, state = server
+    user = new_user(state, "reviewer")
+    log_in(page, user, then="/review")
+    other = browser.new_context(base_url=base).new_page()  # the same user on a second browser
+    try:
+        log_in(other, user)
+        other.click("#logout-everywhere")
+        other.wait_for_url(re.compile(r"/login$"))
+        page.reload()  # the first browser's session ended too: back to the login page, then here again
+        page.wait_for_url(re.compile(r"/login\?next=%2Freview$"))
+        log_in(page, user, then="/review")
+    finally:
+        other.context.close()
+
+
 # --------------------------------------------------------------------------- chat
 
 

@@ -19,7 +19,7 @@ import uvicorn
 from serve_fixtures import ascii_model
 
 from chatforge.model import GPT
-from chatforge.serve.app import ServeSettings, create_app, model_id_for, model_version
+from chatforge.serve.app import ServeSettings, create_app, model_id_for, model_version, uvicorn_options
 from chatforge.serve.cli import (
     add_serve_parser,
     default_model,
@@ -46,7 +46,8 @@ def serve(settings: ServeSettings) -> Iterator[tuple[str, object]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     t0 = time.monotonic()
@@ -64,6 +65,7 @@ def serve(settings: ServeSettings) -> Iterator[tuple[str, object]]:
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("runs") / "t" / "finetune" / "sft" / "model"
     save_model(d, tiny_model(), TOK, {"stage": "sft", "task": "chat"})
+    (d.parent.parent.parent / "manifest.json").write_text("{}")  # what makes runs/t a run directory
     return d
 
 

@@ -19,7 +19,7 @@ from chatforge.eval.agreement import cohen_kappa, fleiss_kappa, krippendorff_alp
 from chatforge.store import Store, default_db_url
 from chatforge.store import service as sv
 from chatforge.store.cli import add_feedback_parser
-from chatforge.store.models import Assignment, Base, LoginSession, Prompt, Rating, User
+from chatforge.store.models import Assignment, Base, LoginSession, Prompt, Rating, User, utcnow
 
 SCORES = {"fluency": 4, "coherence": 4, "relevance": 5, "appropriateness": 5}
 HOSTILE = ["'; DROP TABLE users; --", "<script>alert(1)</script>", "Robert'); DELETE FROM messages;--",
@@ -188,6 +188,44 @@ def test_sessions_store_only_hashes(store):
         sv.create_session(store, 999)
 
 
+def _set_session(store, token: str, **values) -> None:
+    with store.session() as s:
+        row = s.scalar(select(LoginSession).where(LoginSession.token_hash == sv._sha256(token)))
+        for k, v in values.items():
+            setattr(row, k, v)
+
+
+def _expires_at(store, token: str):
+    with store.session(write=False) as s:
+        return s.scalar(select(LoginSession.expires_at).where(LoginSession.token_hash == sv._sha256(token)))
+
+
+def test_session_idle_timeout_slides_and_has_a_cap(store):
+    (alice,) = users(store, "alice:reviewer")
+    idle = timedelta(minutes=10)
+    token = sv.create_session(store, alice["id"], idle=idle)
+    now = utcnow()
+    assert now < _expires_at(store, token) <= now + idle  # the idle deadline, not 7 days
+    _set_session(store, token, expires_at=now + timedelta(minutes=1))  # as if unused for 9 minutes
+    assert sv.user_for_session(store, token, idle) == alice
+    assert _expires_at(store, token) >= now + timedelta(minutes=9)  # used: the deadline moved on
+    _set_session(store, token, created_at=now - sv.SESSION_TTL + timedelta(minutes=2),
+                 expires_at=now + timedelta(seconds=30))
+    assert sv.user_for_session(store, token, idle) == alice
+    assert _expires_at(store, token) <= now + timedelta(minutes=2, seconds=1)  # never past created + 7 days
+    _set_session(store, token, expires_at=now - timedelta(seconds=1))  # unused past the idle timeout
+    assert sv.user_for_session(store, token, idle) is None
+
+
+def test_end_user_sessions_logs_out_everywhere(store):
+    alice, bob = users(store, "alice:reviewer", "bob:reviewer")
+    tokens = [sv.create_session(store, alice["id"]) for _ in range(3)]
+    other = sv.create_session(store, bob["id"])
+    assert sv.end_user_sessions(store, alice["id"]) == 3
+    assert all(sv.user_for_session(store, t) is None for t in tokens)
+    assert sv.user_for_session(store, other) == bob
+
+
 def test_api_keys(store):
     (alice,) = users(store, "alice:admin")
     key = sv.create_api_key(store, alice["id"])
@@ -235,7 +273,7 @@ def test_conversations_and_ownership(store):
                        "created_at": conv["created_at"]}]
     assert conv["created_at"].endswith("+00:00")  # UTC, ISO 8601
     assert sv.list_conversations(store, bob["id"]) == []
-    with pytest.raises(sv.Forbidden):
+    with pytest.raises(sv.NotFound, match=f"no conversation with id {cid}$"):  # as if it did not exist
         sv.get_conversation(store, bob["id"], cid)
     with pytest.raises(sv.NotFound):
         sv.get_conversation(store, alice["id"], 999)
@@ -246,7 +284,7 @@ def test_conversations_and_ownership(store):
     msgs = sv.get_conversation(store, alice["id"], cid)["messages"]
     assert [(m["thumb"], m["comment"]) for m in msgs] == [(None, None), (-1, "wrong day"), (1, "better"),
                                                           (None, None)]
-    with pytest.raises(sv.Forbidden):
+    with pytest.raises(sv.NotFound, match=f"no message with id {a1}$"):
         sv.set_message_feedback(store, bob["id"], a1, 1, None)
     with pytest.raises(sv.Invalid) as e:
         sv.set_message_feedback(store, alice["id"], a1, 2, None)
@@ -438,7 +476,7 @@ def test_rate_flow_forbidden_conflict_invalid(store):
     assert "model" not in json.dumps(task)  # blind: no model ids shown to reviewers
     aid = task["assignment_id"]
 
-    with pytest.raises(sv.Forbidden):
+    with pytest.raises(sv.NotFound, match=f"no assignment with id {aid}$"):
         sv.submit_rating(store, r2["id"], aid, SCORES)
     for scores, field in [({**SCORES, "fluency": 6}, "fluency"), ({**SCORES, "coherence": 0}, "coherence"),
                           ({**SCORES, "relevance": True}, "relevance"), ({**SCORES, "relevance": "5"}, "relevance"),
@@ -505,7 +543,7 @@ def test_label_flow_and_agreement(store):
         with pytest.raises(sv.Invalid) as e:
             sv.submit_label(store, a1["id"], task["assignment_id"], value)
         assert e.value.field == field
-    with pytest.raises(sv.Forbidden):
+    with pytest.raises(sv.NotFound):
         sv.submit_label(store, a2["id"], task["assignment_id"], {"sentiment": "pos"})
 
     gold_a = ["pos", "neg", "neu", "neg", "neu", "pos"]
@@ -683,3 +721,35 @@ def test_cli_users_import_and_upgrade(tmp_path, capsys, monkeypatch):
         run_cli("feedback", "import", "things", str(bad), "--kind", "items", "--db", url)
     assert [d["name"] for d in sv.list_datasets(st)] == ["greetings"]
     st.close()
+
+
+def test_cli_set_role_is_the_command_serve_names(tmp_path, capsys):
+    from chatforge.serve.app import _ensure_admin
+
+    runs = tmp_path / "runs"
+    where = ["--runs-dir", str(runs), "--run", "demo"]
+    run_cli("feedback", "users", "add", "admin", "--role", "reviewer", "--password", "pw-1", *where)
+    st = Store(default_db_url(runs / "demo"))
+    with pytest.raises(ChatforgeError, match="chatforge feedback users set-role admin admin") as e:
+        _ensure_admin(st, "another-pw")  # `serve --admin-password` with a non-admin user called admin
+    command = str(e.value).split("(", 1)[1].split(")", 1)[0].split()  # the command the message names
+    assert command[:5] == ["chatforge", "feedback", "users", "set-role", "admin"]
+    run_cli(*command[1:], *where)  # ... exists and does what it says
+    assert "user 'admin' is now admin" in capsys.readouterr().out
+    _ensure_admin(st, "another-pw")  # now satisfied: there is an admin
+    assert [(u["username"], u["role"]) for u in sv.list_users(st)] == [("admin", "admin")]
+    with pytest.raises(ChatforgeError, match="last admin"):
+        run_cli("feedback", "users", "set-role", "admin", "reviewer", *where)
+    with pytest.raises(ChatforgeError, match="no user named 'ghost'.*users list"):
+        run_cli("feedback", "users", "set-role", "ghost", "admin", *where)
+    st.close()
+
+
+def test_cli_import_refuses_deeply_nested_rows_naming_the_line(tmp_path):
+    where = ["--runs-dir", str(tmp_path / "runs"), "--run", "demo"]
+    run_cli("feedback", "users", "add", "boss", "--role", "admin", "--password", "s3cret", *where)
+    for depth in (33, 100_000):  # just past the limit, and past the parser's own recursion limit
+        deep = tmp_path / "deep.jsonl"
+        deep.write_text('{"text": "fine"}\n{"text": "x", "meta": ' + "[" * depth + "]" * depth + "}\n")
+        with pytest.raises(ChatforgeError, match=r"deep\.jsonl:2: JSON nested more than 32 levels deep"):
+            run_cli("feedback", "import", f"things{depth}", str(deep), "--kind", "items", *where)

@@ -28,7 +28,8 @@ from serve_fixtures import (
 )
 
 from chatforge.serve.engine import SamplingParams
-from chatforge.serve.web import LoginThrottle, current_branch
+from chatforge.serve.limits import FailureThrottle
+from chatforge.serve.web import current_branch
 from chatforge.store import service
 
 XSS = '<script>alert("xss")</script><img src=x onerror=alert(1)>'
@@ -127,7 +128,7 @@ def test_login_me_logout(client):
     assert client.post("/api/login", json={"username": "rev1"}).json()["field"] == "password"
 
     r = client.post("/api/login", json={"username": "rev1", "password": PASSWORD})
-    assert r.status_code == 200 and r.json() == {"username": "rev1", "role": "reviewer"}
+    assert r.status_code == 200 and r.json() == {"username": "rev1", "role": "reviewer", "next": "/chat"}
     cookie = r.headers["set-cookie"]
     assert cookie.startswith("cf_session=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert "Secure" not in cookie  # plain http in tests: a Secure cookie would never be sent back
@@ -141,30 +142,67 @@ def test_login_me_logout(client):
     assert client.get("/api/me").status_code == 401
 
 
-def test_failed_logins_are_throttled(tmp_path):
+def test_logout_everywhere_ends_every_session_of_the_user(served):
+    client, state = served
+    with TestClient(client.app) as other, TestClient(client.app) as third:  # three browsers
+        for c, user in ((client, "rev1"), (other, "rev1"), (third, "rev2")):
+            c.cookies.clear()
+            assert c.post("/api/login", json={"username": user, "password": PASSWORD}).status_code == 200
+        r = client.post("/api/logout/everywhere", json={})
+        assert r.status_code == 200 and r.json()["sessions_ended"] >= 2
+        assert client.get("/api/me").status_code == 401
+        assert other.get("/api/me").status_code == 401  # rev1's other browser is logged out too
+        assert third.get("/api/me").json()["username"] == "rev2"  # other users are not
+    client.cookies.clear()
+    assert client.post("/api/logout/everywhere", json={}).status_code == 401
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("/review?kind=rank", "/review?kind=rank"), ("/chat#x", "/chat#x"), (None, "/chat"), (7, "/chat"),
+    ("//evil.example/phish", "/chat"), ("/\t/evil.example/phish", "/chat"), ("/\n/evil.example", "/chat"),
+    ("/\\evil.example", "/chat"), ("\\/evil.example", "/chat"), (" //evil.example", "/chat"),
+    ("\x00//evil.example", "/chat"), ("https://evil.example/", "/chat"), ("javascript:alert(1)", "/chat"),
+    ("evil.example", "/chat"), ("/a\tb", "/ab"), ("/x\x01", "/x"), ("/x\x01y", "/chat"),
+])
+def test_login_next_is_checked_on_the_server(client, target, expected):
+    body = {"username": "rev2", "password": PASSWORD, **({"next": target} if target is not None else {})}
+    r = client.post("/api/login", json=body)
+    assert r.status_code == 200 and r.json()["next"] == expected
+
+
+def test_failed_logins_back_off(tmp_path):
     app, _ = build_app(tmp_path)
     with TestClient(app) as client:
-        add_users(app.state.cf)
-        for _ in range(10):
+        state = app.state.cf
+        add_users(state)
+        free = state.login_throttle.free
+        for _ in range(free):
             assert client.post("/api/login", json={"username": "rev1", "password": "guess"}).status_code == 401
         r = client.post("/api/login", json={"username": "rev1", "password": PASSWORD})
-        assert r.status_code == 429 and "too many failed logins" in r.json()["error"]
-        assert "cf_session" not in client.cookies  # even the right password waits
+        assert r.status_code == 429 and "too many failed logins for 'rev1'" in r.json()["error"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert "cf_session" not in client.cookies  # from this address, even the right password waits its turn
+        # another account from the same address is not slowed down
+        assert client.post("/api/login", json={"username": "rev2", "password": PASSWORD}).status_code == 200
 
 
-def test_login_throttle_window_and_reset():
-    throttle = LoginThrottle(limit=3, window=0.2)
-    keys = ["ip:1.2.3.4", "user:rev1"]
-    for _ in range(3):
-        assert throttle.retry_after(keys) == 0
-        throttle.failed(keys)
-    assert throttle.retry_after(keys) >= 1
-    assert throttle.retry_after(["ip:5.6.7.8", "user:rev2"]) == 0  # others are not affected
+def test_failure_throttle_backs_off_and_forgets():
+    throttle = FailureThrottle(free=2, base=0.2, cap=0.4, forget=1.0)
+    assert [throttle.attempt("a") for _ in range(2)] == [0.0, 0.0]  # free attempts, each counted at once
+    assert 0 < throttle.attempt("a") <= 0.2  # the third must wait base seconds after the second
+    assert throttle.failures("a") == 2  # a refused attempt is not counted
+    assert throttle.attempt("b") == 0.0  # other keys are not affected
     time.sleep(0.25)
-    assert throttle.retry_after(keys) == 0  # the window passed
-    throttle.failed(keys)
-    throttle.succeeded(keys)
-    assert throttle.retry_after(keys) == 0
+    assert throttle.attempt("a") == 0.0  # waited: allowed, and counted (3 failures)
+    assert 0.2 < throttle.attempt("a") <= 0.4  # the delay doubled, up to the cap
+    throttle.release("a")  # an attempt that was right after all: uncount it, keep the earlier failures
+    assert throttle.failures("a") == 2
+    throttle.succeeded("b")
+    assert throttle.failures("b") == 0 and throttle.failures("a") == 2
+    throttle.succeeded("a")
+    assert throttle.attempt("a") == 0.0
+    time.sleep(1.05)
+    assert throttle.failures("a") == 1 and throttle.attempt("a") == 0.0  # forgotten after `forget` idle
 
 
 @pytest.mark.parametrize("method,path", [
@@ -315,12 +353,15 @@ def test_conversations_are_private(client):
     conv_id = client.post("/api/conversations", json={}).json()["id"]
     _, done = answer_of(chat(client, conv_id, "secret order 123", max_tokens=4))
     login(client, "ann1")
-    assert client.get(f"/api/conversations/{conv_id}").status_code == 403
+    # someone else's conversation answers exactly like one that does not exist: ids tell nothing
+    theirs, missing = client.get(f"/api/conversations/{conv_id}"), client.get("/api/conversations/99999999")
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"] == f"no conversation with id {conv_id}"
     assert conv_id not in [c["id"] for c in client.get("/api/conversations").json()["conversations"]]
     r = client.post(f"/api/conversations/{conv_id}/messages", json={"content": "hi"})
-    assert r.status_code == 403
-    assert client.post(f"/api/messages/{done['message_id']}/feedback", json={"thumb": 1}).status_code in (403, 404)
-    assert client.get("/api/conversations/99999999").status_code == 404
+    assert r.status_code == 404
+    r = client.post(f"/api/messages/{done['message_id']}/feedback", json={"thumb": 1})
+    assert r.status_code == 404 and r.json()["error"] == f"no message with id {done['message_id']}"
     r = client.get("/api/conversations/abc")
     assert r.status_code == 422 and r.json()["field"] == "conv_id"
 
@@ -473,10 +514,10 @@ def test_full_admin_flow_rate_rank_agreement_export(client, state):
     rev2_rate = {a["id"] for a in _assignments(state, "rev2")}
     assert rev1_rate and rev2_rate and not rev1_rate & rev2_rate
     r = client.post("/api/review/rank", json={"assignment_id": min(rev2_rate), "order": [1, 2]})
-    assert r.status_code in (403, 409, 422)
+    assert r.status_code in (404, 409, 422)
     r = client.post("/api/review/rate", json={"assignment_id": min(rev2_rate), "fluency": 1, "coherence": 1,
                                               "relevance": 1, "appropriateness": 1})
-    assert r.status_code == 403
+    assert r.status_code == 404 and r.json()["error"] == f"no assignment with id {min(rev2_rate)}"
 
     as_admin(client)
     body = client.get("/api/admin/progress").json()

@@ -1,28 +1,40 @@
-"""The serving app: models with their engines, the /v1 API, limits, access log, and the web app.
+"""The serving app: composes the models and their engines, the /v1 API, the web app, and the guards.
 
-``create_app(settings)`` loads every model (one ``Engine`` each, started and
-stopped with the app's lifespan), mounts the OpenAI-compatible router and
-``GET /health``, and wraps everything in two plain ASGI middlewares:
+``create_app(settings)`` loads every model (one ``Engine`` each, started and stopped
+with the app's lifespan), mounts the OpenAI-compatible router (``openai_api``),
+``GET /health`` and, with a database, the web app (``web``); both routers share
+``state`` and ``fields`` and know nothing of each other. Everything is wrapped in
+plain ASGI middlewares, outermost first:
 
+- access log: one JSON line per request (time, method, path, status, duration_ms,
+  client, key id, tokens), to ``settings.access_log`` or the ``chatforge.access``
+  logger. It names the key by a hash, never the key itself; the client is the
+  socket's peer unless a trusted proxy said otherwise (``uvicorn_options``);
+- Host allow-list: a request whose ``Host`` is not a loopback name, an IP literal or
+  one of ``settings.allowed_hosts`` is answered 400. A DNS-rebinding page (its own
+  name resolved to this machine) always sends its own name, so it cannot read
+  answers; the app also never builds a redirect from ``Host`` (no slash redirects);
 - body limit: a request whose body is larger than ``max_body_bytes`` is answered
   413 before any route sees it, whether it declares a ``Content-Length`` or
-  streams its body in chunks (the body is buffered up to the limit, then replayed);
-- access log: one JSON line per request (time, method, path, status,
-  duration_ms, client, key id, tokens), to ``settings.access_log`` or the
-  ``chatforge.access`` logger. It names the key by a hash, never the key itself.
+  streams its body in chunks (the body is buffered up to the limit, then replayed).
+
+``/docs`` and ``/openapi.json`` exist only with ``settings.docs`` (``--docs``), and
+then serve Swagger UI from the installed ``swagger-ui-bundle`` package (``docs``).
 
 With ``settings.db_url`` the feedback store is opened (migrated to the newest
 schema), an ``admin`` user is created from ``admin_password`` when there is no
 admin yet, and the web app's routes and pages are mounted.
 
-Model ids: ``<run>-<stage>`` for ``runs/<run>/finetune/<stage>/model``,
-``<run>-pretrain`` for ``runs/<run>/pretrain/model``, else the directory name,
-or NAME from ``NAME=PATH``. The version is the first 12 hex digits of the
-weights' sha256, so a feedback row records exactly which weights produced it.
+Model ids: ``<run>-<stage>`` for a stage's newest model (``runs/<run>/finetune/<stage>/model``,
+``runs/<run>/pretrain/model``), ``<run>-<stage>@<version>`` for an older one kept in
+``<stage dir>/versions/<version>``, else the directory name, or NAME from ``NAME=PATH``.
+The version is the first 12 hex digits of the weights' sha256, so a feedback row
+records exactly which weights produced it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -30,12 +42,11 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,82 +54,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatforge import __version__
 from chatforge.errors import ChatforgeError
 from chatforge.io import sha256_file
+from chatforge.paths import MODEL, stage_of_model_dir
 from chatforge.serve.engine import Engine
-from chatforge.serve.openai_api import APIError, RateLimiter, api_error_handler, router
+from chatforge.serve.fields import FieldError
+from chatforge.serve.openai_api import api_error_handler, field_error, router
+from chatforge.serve.state import APIError, ServedModel, ServeSettings, ServeState, UnknownModel
 
-__all__ = ["ServeSettings", "ServeState", "ServedModel", "UnknownModel", "create_app", "load_models",
-           "model_id_for", "model_version"]
+__all__ = ["ServeSettings", "ServeState", "ServedModel", "UnknownModel", "create_app", "host_allowed",
+           "load_models", "model_id_for", "model_version", "uvicorn_options"]
 
 access_logger = logging.getLogger("chatforge.access")
-
-
-@dataclass
-class ServedModel:
-    id: str
-    version: str  # first 12 hex of sha256(model.safetensors)
-    path: Path
-    engine: Engine
-    context: int  # the model's block_size
-    created: int = 0  # weights' modification time (unix seconds), for /v1/models
-
-
-@dataclass
-class ServeSettings:
-    models: list[tuple[str | None, Path]]
-    db_url: str | None = None  # None: API only, no web app / store
-    api_keys: tuple[str, ...] = ()  # empty: /v1 needs no key (bind to loopback)
-    max_batch: int = 16
-    max_queue: int = 64
-    max_prompt_tokens: int | None = None  # default: the model's context
-    max_body_bytes: int = 1_000_000
-    rate_limit_per_minute: int = 120  # per key or client IP; 0 = off
-    access_log: Path | None = None
-    device: str = "auto"
-    admin_password: str | None = None
-
-
-class UnknownModel(ChatforgeError):
-    """A request named a model this server does not serve."""
-
-
-@dataclass
-class ServeState:
-    settings: ServeSettings
-    models: dict[str, ServedModel]
-    default_model: str = ""  # "": the first model
-    store: Any = None  # chatforge.store.db.Store when settings.db_url is set
-    limiter: RateLimiter = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.models:
-            raise ChatforgeError("no models to serve")
-        if not self.default_model:
-            self.default_model = next(iter(self.models))
-        if self.default_model not in self.models:
-            raise ChatforgeError(f"default model {self.default_model!r} is not served; models: {', '.join(self.models)}")
-        self.limiter = RateLimiter(self.settings.rate_limit_per_minute)
-
-    def model(self, model_id: str | None) -> ServedModel:
-        """The model called ``model_id`` (None: the default one)."""
-        if model_id is None:
-            return self.models[self.default_model]
-        try:
-            return self.models[model_id]
-        except KeyError:
-            raise UnknownModel(f"model {model_id!r} does not exist; available: {', '.join(self.models)}") from None
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def model_id_for(path: Path) -> str:
-    """``<run>-<stage>`` / ``<run>-pretrain`` for a run's models, else the directory name."""
-    parts = Path(os.path.abspath(path)).parts
-    if len(parts) >= 4 and parts[-1] == "model" and parts[-3] == "finetune":
-        return f"{parts[-4]}-{parts[-2]}"
-    if len(parts) >= 3 and parts[-1] == "model" and parts[-2] == "pretrain":
-        return f"{parts[-3]}-pretrain"
-    return parts[-1]
+    """``<run>-<stage>`` for a stage's ``model/``, ``<run>-<stage>@<version>`` for its
+    ``versions/<version>/``, else the directory name."""
+    located = stage_of_model_dir(path)
+    if located is None:
+        return Path(os.path.abspath(path)).name
+    run_dir, subdir = located
+    base = f"{run_dir.name}-{PurePosixPath(subdir).name}"
+    directory = Path(path).resolve()
+    return base if directory.name == MODEL else f"{base}@{directory.name}"
 
 
 def model_version(path: Path) -> str:
@@ -163,18 +123,75 @@ def _ensure_admin(store: Any, password: str) -> None:
         return
     if any(u["username"] == "admin" for u in users):
         raise ChatforgeError("a user named 'admin' exists but is not an admin; give it the admin role "
-                             "(chatforge store set-role) or drop --admin-password")
+                             "(chatforge feedback users set-role admin admin) or drop --admin-password")
     service.create_user(store, "admin", password, "admin")
 
 
 # --------------------------------------------------------------------------- middlewares
 
 
-def _error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
-    """OpenAI's error shape under /v1, the web app's {"error": message} elsewhere."""
+def _error_body(path: str, status: int, message: str, code: str | None = None,
+                field: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape under /v1, the web app's {"error": message[, "field"]} elsewhere."""
     if path.startswith("/v1"):
-        return APIError(status, message, code=code).body()
-    return {"error": message}
+        return APIError(status, message, code=code, param=field).body()
+    return {"error": message, **({"field": field} if field is not None else {})}
+
+
+async def field_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bad body or field (``fields.FieldError``) in the shape of the router it came from."""
+    assert isinstance(exc, FieldError)
+    if request.url.path.startswith("/v1"):
+        return field_error(exc).response()
+    return JSONResponse(_error_body(request.url.path, exc.status, exc.message, field=exc.field),
+                        status_code=exc.status)
+
+
+def host_allowed(host: str, allowed: tuple[str, ...] = ()) -> bool:
+    """Whether a ``Host`` header names this server: an IP literal, ``localhost`` (and ``*.localhost``,
+    which browsers resolve to loopback themselves), or an entry of ``allowed`` (``name``,
+    ``*.domain`` for its subdomains, ``*`` for any). An empty Host (HTTP/1.0) is allowed."""
+    host = host.strip().lower()
+    if not host:
+        return True
+    if host.startswith("["):  # [v6]:port
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True  # a rebinding page sends its own *name*; an address literal is this server's own origin
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    for pattern in allowed:
+        pattern = pattern.strip().lower().rstrip(".")
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class HostGuardMiddleware:
+    """400 for a request whose ``Host`` is not allowed (``host_allowed``): DNS-rebinding defence."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...] = ()) -> None:
+        self.app, self.allowed = app, tuple(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope.get("headers") or [] if k == b"host"), "")
+        if host_allowed(host, self.allowed):
+            await self.app(scope, receive, send)
+            return
+        shown = host[:100]
+        msg = (f"Host {shown!r} is not allowed: this server answers to loopback names and IP addresses; "
+               f"start it with --allowed-hosts {shown.rsplit(':', 1)[0] or 'NAME'} to serve it under that name")
+        response = JSONResponse(_error_body(scope.get("path", ""), 400, msg, "host_not_allowed"), status_code=400)
+        await response(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -273,6 +290,14 @@ class AccessLogMiddleware:
 # --------------------------------------------------------------------------- the app
 
 
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """The uvicorn settings that go with ``settings``: ``X-Forwarded-For`` / ``-Proto`` are believed
+    only from the proxies in ``forwarded_allow_ips`` (uvicorn's own default would believe any
+    loopback client, so a local client could claim any address and escape every per-address limit)."""
+    trusted = [ip for ip in settings.forwarded_allow_ips if ip]
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None, "server_header": False}
+
+
 def create_app(settings: ServeSettings, state: ServeState | None = None) -> FastAPI:
     """The FastAPI app; models load now (unless ``state`` is given), engines run with the lifespan."""
     if state is None:
@@ -297,9 +322,12 @@ def create_app(settings: ServeSettings, state: ServeState | None = None) -> Fast
             for engine in started:
                 await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="chatforge", version=__version__, lifespan=lifespan, redoc_url=None)
+    # No docs unless asked for; no slash redirects (Starlette builds them from the Host header).
+    app = FastAPI(title="chatforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if settings.docs else None, redirect_slashes=False)
     app.state.cf = state
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(FieldError, field_error_handler)
     app.include_router(router)
 
     @app.get("/health")
@@ -307,10 +335,15 @@ def create_app(settings: ServeSettings, state: ServeState | None = None) -> Fast
         return {"status": "ok", "models": list(state.models),
                 "engine": {mid: m.engine.stats() for mid, m in state.models.items()}}
 
+    if settings.docs:
+        from chatforge.serve.docs import mount_docs
+
+        mount_docs(app)
     if settings.db_url:
         from chatforge.serve.web import mount_web
 
         mount_web(app, state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AccessLogMiddleware, path=settings.access_log)  # outermost: logs the 413s too
+    app.add_middleware(HostGuardMiddleware, allowed=settings.allowed_hosts)
+    app.add_middleware(AccessLogMiddleware, path=settings.access_log)  # outermost: logs the 413s and 400s too
     return app

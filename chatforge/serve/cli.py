@@ -1,16 +1,27 @@
 """``chatforge serve``: models behind the OpenAI-compatible API and the feedback web app.
 
     chatforge serve                                   # the newest chat model of runs/default
+    chatforge serve --name mine                       # ... of runs/mine, with runs/mine/feedback.db
     chatforge serve runs/default/finetune/sft/model runs/default/pretrain/model
-    chatforge serve base=path/to/a sft=path/to/b --api-key sk-... --host 0.0.0.0
+    chatforge serve base=path/to/a sft=path/to/b --api-key-file keys.txt --host 0.0.0.0 --allowed-hosts chat.lan
 
-MODEL is a model directory or NAME=DIR. Without one, the newest chat model of
-the default run is served (a ``finetune/*/model`` whose task is chat, else the
-pre-trained model). The feedback database defaults to ``feedback.db`` in the run
-directory of the first model; ``--no-db`` serves the API only.
+MODEL is a model directory or NAME=DIR. Without one, the newest chat model of the
+run (``--name``, default ``default``, under ``--runs-dir``, default ``runs``) is
+served: its newest stage model whose task is chat, else its pre-trained model. The
+feedback database is that run's ``feedback.db`` (with MODELs and no ``--name``: the
+run of the first model); ``--no-db`` serves the API only.
 
-Without ``--api-key`` (or ``CHATFORGE_API_KEY``) the API needs no key: keep the
-default loopback host then. ``python -m chatforge.serve.cli`` runs the same command.
+Secrets: API keys from ``--api-key-file`` (one per line) or ``CHATFORGE_API_KEY``
+(comma-separated), the admin's first password from ``CHATFORGE_ADMIN_PASSWORD``.
+``--api-key`` and ``--admin-password`` still work but warn: any user of the machine
+sees a command line in ``ps``. Without any key the API needs none: keep the default
+loopback host then.
+
+Browsers reach the server by IP address or ``localhost``; other names must be listed
+with ``--allowed-hosts`` (a DNS-rebinding defence). Behind a reverse proxy, name it in
+``--forwarded-allow-ips`` so its ``X-Forwarded-For`` gives the client's address (the
+rate limits and the login throttle count per address); no one else's is believed.
+``python -m chatforge.serve.cli`` runs the same command.
 """
 
 from __future__ import annotations
@@ -19,13 +30,22 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ChatforgeError
+from chatforge.paths import RunPaths, stage_of_model_dir
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_RUNS_DIR, DEFAULT_RUN = "runs", "default"
+
+
+def _csv(values: list[str]) -> tuple[str, ...]:
+    """Repeatable, comma-separated flag values -> one tuple (in order, without repeats)."""
+    items = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    return tuple(dict.fromkeys(items))
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -33,25 +53,44 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve models over an OpenAI-compatible API and the feedback web app",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="model directory or NAME=DIR (default: the newest chat model of runs/default)")
+                   help="model directory or NAME=DIR (default: the newest chat model of the run)")
+    p.add_argument("--name", help=f"the run whose model and feedback database are used (default: {DEFAULT_RUN})")
+    p.add_argument("--runs-dir", help=f"directory holding runs (default: {DEFAULT_RUNS_DIR})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     db = p.add_mutually_exclusive_group()
     db.add_argument("--db", metavar="URL",
                     help="feedback database (SQLAlchemy URL; default: sqlite:///RUN_DIR/feedback.db)")
     db.add_argument("--no-db", action="store_true", help="serve the API only, without the web app")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require the keys in FILE (one per line, # comments) on /v1; also CHATFORGE_API_KEY")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require this key on /v1 (repeatable; also CHATFORGE_API_KEY, comma-separated)")
+                   help="require this key on /v1 (repeatable); shows in `ps`: prefer --api-key-file")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     p.add_argument("--rate-limit", type=int, default=120, metavar="N",
-                   help="requests per minute per API key or client IP (0 = off)")
+                   help="requests per minute per API key or client address (0 = no rate limit at all)")
+    p.add_argument("--rate-limit-tokens", type=int, default=200_000, metavar="N",
+                   help="tokens per minute per API key or client address, counting prompt + max_tokens for "
+                        "each prompt (0 = off)")
+    p.add_argument("--max-prompts", type=int, default=32, metavar="N",
+                   help="prompts per /v1/completions request")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAMES",
+                   help="Host names to answer besides IP addresses and localhost (comma-separated, "
+                        "repeatable; *.example.com for subdomains, * for any)")
+    p.add_argument("--forwarded-allow-ips", action="append", default=[], metavar="IPS",
+                   help="reverse proxies whose X-Forwarded-For/-Proto are believed (comma-separated; "
+                        "default: none, the client is the socket's peer)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the API schema at /docs (Swagger UI from this machine) and /openapi.json")
+    p.add_argument("--session-idle-minutes", type=int, default=60,
+                   help="a web login unused this long ends (default 60; it lasts 7 days at most)")
     p.add_argument("--access-log", metavar="FILE", help="JSON lines access log (default: to the console)")
     p.add_argument("--admin-password",
-                   help="create user 'admin' with this password if there is no admin yet "
-                        "(prefer the CHATFORGE_ADMIN_PASSWORD environment variable)")
+                   help="create user 'admin' with this password if there is no admin yet; shows in `ps`: "
+                        "prefer the CHATFORGE_ADMIN_PASSWORD environment variable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.set_defaults(func=cmd_serve)
     return p
@@ -68,70 +107,108 @@ def parse_model_arg(arg: str) -> tuple[str | None, Path]:
     return None, Path(arg)
 
 
-def default_run_dir() -> Path:
-    from chatforge.config import load_config
+def run_of(args: argparse.Namespace) -> RunPaths:
+    """The run named by ``--name`` / ``--runs-dir`` (default ``runs/default``)."""
+    return RunPaths.of(getattr(args, "runs_dir", None) or DEFAULT_RUNS_DIR, getattr(args, "name", None) or DEFAULT_RUN)
 
-    return load_config(None, preset=None).run_dir
 
-
-def default_model(run_dir: Path) -> Path:
-    """The newest fine-tuned chat model of ``run_dir``, else its pre-trained model."""
+def default_model(run: RunPaths | Path) -> Path:
+    """The newest chat model of the run (a stage's ``model/`` whose task is chat), else its pre-trained model."""
+    run = run if isinstance(run, RunPaths) else RunPaths(Path(run))
     chats = []
-    for cfg in sorted((run_dir / "finetune").glob("*/model/config.json")):
+    for directory in run.model_dirs():
         try:
-            meta = json.loads(cfg.read_text(encoding="utf-8"))
+            meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
         if meta.get("task") == "chat" and meta.get("architecture", "gpt") == "gpt":
-            chats.append((cfg.stat().st_mtime, cfg.parent))
+            chats.append((directory.stat().st_mtime_ns, directory))
     if chats:
         return max(chats)[1]
-    pretrain = run_dir / "pretrain" / "model"
+    pretrain = run.pretrain.model
     if (pretrain / "config.json").is_file():
         return pretrain
-    raise ChatforgeError(f"no model to serve: neither {run_dir / 'finetune' / 'sft' / 'model'} nor {pretrain} "
-                         "exists; run `chatforge pipeline run` first, or give a model directory")
+    what = "does not exist" if not run.root.is_dir() else f"has no chat model and no {pretrain}"
+    raise ChatforgeError(f"no model to serve: run {run.name!r} ({run.root}) {what}; run "
+                         f"`chatforge pipeline run --name {run.name}` first, or give a model directory")
 
 
 def run_dir_of(model: Path) -> Path | None:
-    """``runs/<run>`` for a run's model directory, else None."""
-    parts = Path(os.path.abspath(model)).parts
-    if len(parts) >= 4 and parts[-1] == "model" and parts[-3] == "finetune":
-        return Path(*parts[:-3])
-    if len(parts) >= 3 and parts[-1] == "model" and parts[-2] == "pretrain":
-        return Path(*parts[:-2])
-    return None
+    """The run directory of a run's model directory (a stage's ``model/`` or ``versions/<v>/``), else None."""
+    located = stage_of_model_dir(model)
+    return located[0] if located else None
+
+
+def read_key_file(path: Path) -> list[str]:
+    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        mode = Path(path).stat().st_mode
+    except OSError as e:
+        raise ChatforgeError(f"--api-key-file {path}: cannot read it: {e.strerror or e}") from e
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ChatforgeError(f"--api-key-file {path}: holds no key (one per line)")
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        _warn(f"--api-key-file {path} is readable by other users of this machine; chmod 600 it")
+    return keys
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """``ServeSettings`` from parsed arguments and the environment."""
-    from chatforge.serve.app import ServeSettings
+    """``ServeSettings`` from parsed arguments and the environment (warnings go to stderr)."""
+    from chatforge.serve.state import ServeSettings
 
+    named = bool(args.name or args.runs_dir)
+    run = run_of(args)
     models = [parse_model_arg(a) for a in args.models]
-    if not models:
-        models = [(None, default_model(default_run_dir()))]
+    if models and not named:  # the database of the first model's run
+        db_run = run_dir_of(models[0][1]) or run.root
+    else:
+        db_run = run.root
+        models = models or [(None, default_model(run))]
+
     keys = [k for k in args.api_key if k]
+    if keys:
+        _warn("--api-key puts the key on the command line, where `ps` and shell history show it to other "
+              "users of this machine; prefer --api-key-file FILE or CHATFORGE_API_KEY")
+    if args.api_key_file:
+        keys += read_key_file(Path(args.api_key_file))
     keys += [k.strip() for k in os.environ.get("CHATFORGE_API_KEY", "").split(",") if k.strip()]
+    if args.admin_password:
+        _warn("--admin-password puts the password on the command line, where `ps` and shell history show it "
+              "to other users of this machine; prefer CHATFORGE_ADMIN_PASSWORD")
     db_url = None
     if args.db:
         db_url = args.db
     elif not args.no_db:
-        run_dir = run_dir_of(models[0][1]) or default_run_dir()
-        if run_dir.is_dir():
-            from chatforge.store.db import default_db_url
-
-            db_url = default_db_url(run_dir)
+        if db_run.is_dir():
+            db_url = f"sqlite:///{RunPaths(db_run).feedback_db}"
+        elif named:
+            raise ChatforgeError(f"run {run.name!r} does not exist ({run.root}): no feedback database to open; "
+                                 "give --db URL or --no-db")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--rate-limit", args.rate_limit, 0), ("--max-body-bytes", args.max_body_bytes, 0),
-                             ("--port", args.port, 0)):
+                             ("--rate-limit-tokens", args.rate_limit_tokens, 0), ("--max-prompts", args.max_prompts, 1),
+                             ("--session-idle-minutes", args.session_idle_minutes, 1), ("--port", args.port, 0)):
         if value < low:
             raise ChatforgeError(f"{flag} must be >= {low}, got {value}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ChatforgeError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    allowed = _csv(args.allowed_hosts)
+    if args.host not in LOOPBACK and args.host not in ("0.0.0.0", "::"):
+        allowed = tuple(dict.fromkeys((*allowed, args.host)))  # the name it was told to listen on is its own
     return ServeSettings(
         models=models, db_url=db_url, api_keys=tuple(dict.fromkeys(keys)), max_batch=args.max_batch,
         max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-        rate_limit_per_minute=args.rate_limit, access_log=Path(args.access_log) if args.access_log else None,
+        rate_limit_per_minute=args.rate_limit, rate_limit_tokens_per_minute=args.rate_limit_tokens,
+        max_prompts_per_request=args.max_prompts, allowed_hosts=allowed,
+        forwarded_allow_ips=_csv(args.forwarded_allow_ips), docs=args.docs,
+        session_idle_minutes=args.session_idle_minutes,
+        access_log=Path(args.access_log) if args.access_log else None,
         device=args.device, admin_password=args.admin_password or os.environ.get("CHATFORGE_ADMIN_PASSWORD") or None,
     )
 
@@ -142,7 +219,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from chatforge.serve.app import create_app
+    from chatforge.serve.app import create_app, uvicorn_options
 
     settings = settings_from_args(args)
     app = create_app(settings)
@@ -166,10 +243,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     else:
         print(f"open {base}/health to check the server (API only: no database)")
     if args.host not in LOOPBACK and not settings.api_keys:
-        print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use "
-              "the API; pass --api-key", file=sys.stderr)
+        _warn(f"listening on {args.host} without an API key: anyone who can reach this machine can use "
+              "the API; pass --api-key-file FILE")
+    if args.host not in LOOPBACK and not args.allowed_hosts:
+        print("note: browsers must use this machine's IP address (or localhost); pass --allowed-hosts NAME "
+              "for each name people type", file=sys.stderr)
+    if settings.docs:
+        print(f"API schema: {base}/docs")
     sys.stdout.flush()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
 
 
 def main(argv: list[str] | None = None) -> int:

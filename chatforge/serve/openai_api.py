@@ -13,7 +13,16 @@ in the engine, so its slot goes to the next request at once.
 
 Guard (a router dependency): an API key when ``settings.api_keys`` is set
 (``Authorization: Bearer KEY``, compared in constant time) or a user key from the
-feedback store; then a token bucket per key, or per client IP without one.
+feedback store; a wrong key is counted against its client address before it is
+looked up, with back-off (``FailureThrottle``); then a request bucket per key, or
+per client address without one.
+
+Limits per request: bodies must be ``application/json`` and nest at most
+``MAX_JSON_DEPTH`` levels (``fields``); at most ``max_prompts_per_request`` prompts;
+the request's worst case in tokens (prompt + max_tokens for each prompt) is taken
+from the client's token bucket before it runs and what it did not use is given back
+after; and at most ``inflight_per_request`` of its prompts are in the engine at once
+(the rest wait here), so one request cannot take every slot and queue place.
 
 Extensions beyond OpenAI (as in vLLM): ``top_k`` and ``repetition_penalty``.
 """
@@ -26,11 +35,11 @@ import hashlib
 import hmac
 import json
 import math
-import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -39,32 +48,17 @@ from starlette.concurrency import run_in_threadpool
 from chatforge.chat.template import render_prompt, stop_token_ids
 from chatforge.errors import ChatforgeError
 from chatforge.serve.engine import MAX_LOGPROBS, GenerationHandle, PromptTooLong, QueueFull, SamplingParams
-
-if TYPE_CHECKING:
-    from chatforge.serve.app import ServedModel, ServeState
+from chatforge.serve.fields import FieldError, get_bool, get_float, get_int, read_object
+from chatforge.serve.state import APIError, ServedModel, ServeState, client_address
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP = 16  # OpenAI allows 4; a few more cost nothing
 DEFAULT_COMPLETION_TOKENS = 16  # the legacy completions default
+KEY_CACHE_S = 60.0  # a store key found valid is believed this long without another lookup
+ENGINE_FULL_TIMEOUT_S = 60.0  # a request's later prompts wait this long for room in a full engine
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -73,36 +67,16 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+def field_error(exc: FieldError) -> APIError:
+    """A request-field error in OpenAI's shape (400, or 415 for a body that is not JSON)."""
+    return APIError(415 if exc.status == 415 else 400, exc.message, param=exc.field)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 # --------------------------------------------------------------------------- guard: keys and rate limit
-
-
-class RateLimiter:
-    """Token buckets: ``per_minute`` requests of burst, refilled at ``per_minute / 60`` per second."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, last refill time)
-        self._lock = threading.Lock()
-
-    def check(self, ident: str) -> float:
-        """0 if a request by ``ident`` may go now (and count it), else seconds until it may."""
-        if self.per_minute <= 0:
-            return 0.0
-        rate, cap, now = self.per_minute / 60.0, float(self.per_minute), time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(ident, (cap, now))
-            tokens = min(cap, tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[ident] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[ident] = (tokens, now)
-            if len(self._buckets) > 10_000:  # forget idle clients (their buckets would be full anyway)
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
-            return (1.0 - tokens) / rate
 
 
 def key_fingerprint(key: str) -> str:
@@ -117,41 +91,104 @@ def _bearer(request: Request) -> str | None:
     return request.headers.get("api-key") or None  # Azure-style clients
 
 
-async def identify(state: ServeState, key: str) -> str | None:
-    """The id of a valid key ("key:<hash>" or "user:<name>"), or None."""
+def _too_many_wrong_keys(wait: float) -> APIError:
+    retry = max(1, math.ceil(wait))
+    return APIError(429, f"too many wrong API keys from this address; retry in {retry} s", type="rate_limit_error",
+                    code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+
+
+async def identify(state: ServeState, key: str, address: str) -> str | None:
+    """The id of a valid key ("key:<hash>" or "user:<name>"), or None.
+
+    The server's own keys are compared in constant time with no lookup. Any other key is
+    counted as a failed attempt of ``address`` *before* it is looked up in the store (one
+    lookup at a time, so parallel guesses are counted one by one), and an address backing
+    off gets no lookup: 429 when the API needs a key, else it goes on without one (OpenAI
+    clients always send some key, e.g. "EMPTY", to a server that needs none). A store key
+    found valid is remembered for ``KEY_CACHE_S`` seconds (by its hash), so a client sending
+    many requests with it costs no lookups and never meets the back-off."""
     given = key.encode("utf-8")
     match = False
     for k in state.settings.api_keys:  # compare with every key: the time does not tell which one matched
         match |= hmac.compare_digest(given, k.encode("utf-8"))
     if match:
         return key_fingerprint(key)
-    if state.store is not None:
+    digest = hashlib.sha256(given).hexdigest()
+    throttle_key, required = f"ip:{address}", bool(state.settings.api_keys)
+    if state.store is None:  # nothing to look up; with keys required, a guess at them all the same
+        wait = state.key_throttle.attempt(throttle_key) if required else 0.0
+        if wait:
+            raise _too_many_wrong_keys(wait)
+        return None
+    known = state.known_keys.get(digest)
+    if known is not None and known[1] > time.monotonic():
+        return known[0]
+    async with state.key_lookup():
+        known = state.known_keys.get(digest)  # a parallel request may have just looked it up
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        wait = state.key_throttle.attempt(throttle_key)
+        if wait:
+            if required:
+                raise _too_many_wrong_keys(wait)
+            return None  # the API needs no key: go on without one, and without a lookup
         from chatforge.store import service
 
         user = await run_in_threadpool(service.user_for_api_key, state.store, key)
-        if user:
-            return f"user:{user['username']}"
-    return None
+        if not user:
+            return None
+        state.key_throttle.release(throttle_key)  # this attempt was no failure (earlier ones stay)
+        ident = f"user:{user['username']}"
+        if len(state.known_keys) > 10_000:
+            now = time.monotonic()
+            state.known_keys = {d: v for d, v in state.known_keys.items() if v[1] > now}
+        state.known_keys[digest] = (ident, time.monotonic() + KEY_CACHE_S)
+        return ident
 
 
 async def guard(request: Request) -> None:
     """Authenticate (when keys are configured) and rate-limit every /v1 request."""
     state: ServeState = request.app.state.cf
+    address = client_address(request)
     key = _bearer(request)
-    ident = await identify(state, key) if key else None
+    ident = await identify(state, key, address) if key else None
     if state.settings.api_keys and ident is None:
         msg = ("missing API key: send it as 'Authorization: Bearer KEY'" if key is None else
                "invalid API key")
         raise APIError(401, msg, param=None, code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
     request.state.key_id = ident
-    client = request.client.host if request.client else "unknown"
-    wait = state.limiter.check(ident or f"ip:{client}")
+    request.state.limit_id = ident or f"ip:{address}"
+    wait = state.limiter.check(request.state.limit_id)
     if wait > 0:
         retry = max(1, math.ceil(wait))
         raise APIError(429, f"rate limit of {state.settings.rate_limit_per_minute} requests per minute reached; "
                        f"retry in {retry} s", type="rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(retry)})
+
+
+class _TokenCharge:
+    """The tokens a request took from its client's token bucket; ``settle`` gives back the unused part."""
+
+    def __init__(self, request: Request, state: ServeState, cost: int) -> None:
+        self.state, self.ident, self.cost = state, request.state.limit_id, cost
+        limit = state.token_limiter.per_minute
+        wait = state.token_limiter.check(self.ident, cost)
+        if wait == math.inf:
+            raise APIError(429, f"this request may use {cost} tokens (prompt + max_tokens for each prompt), more "
+                           f"than the limit of {limit} tokens per minute; lower max_tokens or send fewer prompts",
+                           type="tokens", code="rate_limit_exceeded")
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise APIError(429, f"rate limit of {limit} tokens per minute reached (this request may use {cost}); "
+                           f"retry in {retry} s", type="tokens", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(retry)})
+        self.settled = False
+
+    def settle(self, used: int) -> None:
+        if not self.settled:
+            self.settled = True
+            self.state.token_limiter.refund(self.ident, self.cost - used)
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
@@ -161,44 +198,8 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _int(body: dict[str, Any], name: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise bad_request(f"{name}: must be an integer {rng}, got {json.dumps(v)}", param=name)
-    return v
-
-
-def _float(body: dict[str, Any], name: str, lo: float, hi: float, default: Any = None,
-           lo_open: bool = False) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (lo < v if lo_open else lo <= v) or v > hi:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise bad_request(f"{name}: must be a number in {rng}, got {json.dumps(v)}", param=name)
-    return float(v)
-
-
-def _bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"{name}: must be true or false, got {json.dumps(v)}", param=name)
-    return v
+    """The JSON object body (``application/json`` only, nesting limited): see ``fields.read_object``."""
+    return await read_object(request)
 
 
 def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...], what: str) -> None:
@@ -227,17 +228,17 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
     if top_k in (0, -1):  # vLLM's spelling of "off"
         top_k = None
     else:
-        top_k = _int(body, "top_k", 1)
-    top_p = _float(body, "top_p", 0.0, 1.0, lo_open=True)
+        top_k = get_int(body, "top_k", required=False, lo=1)
+    top_p = get_float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad_request(f"seed: must be an integer, got {json.dumps(seed)}", param="seed")
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,
-        temperature=_float(body, "temperature", 0.0, 2.0, default=1.0),
+        temperature=get_float(body, "temperature", lo=0.0, hi=2.0, default=1.0),
         top_p=None if top_p == 1.0 else top_p,
         top_k=top_k,
-        repetition_penalty=_float(body, "repetition_penalty", 0.0, 10.0, default=1.0, lo_open=True),
+        repetition_penalty=get_float(body, "repetition_penalty", lo=0.0, hi=10.0, default=1.0, lo_open=True),
         stop=stops,
         seed=seed,
     )
@@ -305,33 +306,103 @@ def _failure(handle: GenerationHandle) -> APIError | None:
     return None
 
 
-async def _events(request: Request, handles: list[GenerationHandle]) -> AsyncIterator[tuple[int, Any]]:
-    """(index, TokenEvent) from every handle as they come; cancels them all if the client leaves."""
-    q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+class _Batch:
+    """The prompts of one request, at most ``window`` of them in the engine at once (fair admission).
 
-    async def pump(i: int, h: GenerationHandle) -> None:
+    The rest wait here, not in the engine's queue, and go in as the request's own prompts
+    finish, so one request holds at most ``window`` slots or queue places and other clients
+    keep getting theirs. ``start`` submits the first wave and raises (503 when not even one
+    prompt fits); a later prompt that meets a full engine waits for room, at most
+    ``ENGINE_FULL_TIMEOUT_S``, then ``error`` is set. ``None`` jobs generate nothing."""
+
+    def __init__(self, served: ServedModel, jobs: list[tuple[list[int], SamplingParams] | None],
+                 window: int) -> None:
+        self.served, self.jobs, self.window = served, jobs, max(1, window)
+        self.handles: list[GenerationHandle | None] = [None] * len(jobs)
+        self.pending = deque(k for k, job in enumerate(jobs) if job is not None)
+        self.stops = stop_token_ids(served.engine.tokenizer)  # a special token ends the text
+        self.error: APIError | None = None
+
+    def _submit_next(self) -> int:
+        k = self.pending[0]
+        ids, params = self.jobs[k]  # type: ignore[misc]
+        self.handles[k] = _submit(self.served, ids, params, self.stops)
+        self.pending.popleft()
+        return k
+
+    def start(self) -> None:
+        """Submit the first wave; raises the APIError when no prompt could go in (nothing is left running)."""
+        submitted = 0
+        while self.pending and submitted < self.window:
+            try:
+                self._submit_next()
+            except APIError as e:
+                if e.status == 503 and submitted:
+                    return  # the rest wait for this request's own prompts to finish
+                self.cancel()
+                raise
+            submitted += 1
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            if h is not None:
+                h.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self.error is None and not self.pending and all(h.done for h in self.handles if h is not None)
+
+    def live(self) -> list[GenerationHandle]:
+        return [h for h in self.handles if h is not None]
+
+    async def events(self, request: Request) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, TokenEvent) as they come; cancels everything if the client leaves."""
+        q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+
+        async def pump(k: int, h: GenerationHandle) -> None:
+            try:
+                async for ev in h:
+                    q.put_nowait((k, ev))
+            finally:
+                q.put_nowait((k, None))
+
+        def launch(k: int) -> None:
+            tasks.append(asyncio.create_task(pump(k, self.handles[k])))  # type: ignore[arg-type]
+
+        for k, h in enumerate(self.handles):
+            if h is not None:
+                launch(k)
+        running, full_since = len(tasks), None
         try:
-            async for ev in h:
-                q.put_nowait((i, ev))
-        finally:
-            q.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        left = len(handles)
-        while left:
-            i, ev = await q.get()
-            if ev is None:
-                left -= 1
-                continue
-            if await request.is_disconnected():
-                return
-            yield i, ev
-    finally:  # normal end, client gone (CancelledError) or is_disconnected: free the slots
-        for h in handles:
-            h.cancel()
-        for t in tasks:
-            t.cancel()
+            while running or self.pending:
+                if self.pending and running < self.window:
+                    try:
+                        launch(self._submit_next())
+                        running, full_since = running + 1, None
+                        continue
+                    except APIError as e:
+                        if e.status != 503:
+                            self.error = e
+                            return
+                        if not running:  # nothing of ours will free a place: wait for other requests'
+                            full_since = full_since or time.monotonic()
+                            if time.monotonic() - full_since > ENGINE_FULL_TIMEOUT_S:
+                                self.error = e
+                                return
+                            await asyncio.sleep(0.05)
+                            continue
+                k, ev = await q.get()
+                if ev is None:
+                    running -= 1
+                    continue
+                if await request.is_disconnected():
+                    return
+                yield k, ev
+        finally:  # normal end, client gone (CancelledError) or is_disconnected: free the slots
+            self.cancel()
+            for t in tasks:
+                t.cancel()
 
 
 def _fingerprint(served: ServedModel) -> str:
@@ -422,16 +493,16 @@ async def chat_completions(request: Request) -> Any:
     rf = body.get("response_format")
     if rf is not None and rf != {"type": "text"}:
         raise bad_request("response_format: only {\"type\": \"text\"} is supported", param="response_format")
-    want_lp = _bool(body, "logprobs")
-    top_lp = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    want_lp = get_bool(body, "logprobs")
+    top_lp = get_int(body, "top_logprobs", required=False, lo=0, hi=MAX_LOGPROBS)
     if top_lp is not None and not want_lp:
         raise bad_request("top_logprobs: needs logprobs: true", param="top_logprobs")
-    stream = _bool(body, "stream")
+    stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
-    max_tokens = _int(body, "max_completion_tokens", 1)
+    max_tokens = get_int(body, "max_completion_tokens", required=False, lo=1)
     max_param = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens, max_param = _int(body, "max_tokens", 1), "max_tokens"
+        max_tokens, max_param = get_int(body, "max_tokens", required=False, lo=1), "max_tokens"
     params = _sampling(body, max_tokens)
     try:
         ids = render_prompt(messages, tok)
@@ -439,7 +510,15 @@ async def chat_completions(request: Request) -> Any:
         raise bad_request(f"messages: {e}", param="messages") from None
     params.max_tokens = _budget(served, state, len(ids), max_tokens, "messages" if max_tokens is None else max_param)
     params.logprobs = (top_lp or 0) if want_lp else None
-    handle = _submit(served, ids, params, stop_token_ids(tok))
+    charge = _TokenCharge(request, state, len(ids) + params.max_tokens)
+    batch = _Batch(served, [(ids, params)], 1)
+    try:
+        batch.start()
+    except APIError:
+        charge.settle(0)
+        raise
+    handle = batch.handles[0]
+    assert handle is not None
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.id,
             "system_fingerprint": _fingerprint(served)}
@@ -452,32 +531,38 @@ async def chat_completions(request: Request) -> Any:
                     c["usage"] = None
                 return _sse(c)
 
-            yield chunk({"role": "assistant", "content": ""})
-            async for _, ev in _events(request, [handle]):
-                lp = None
-                if want_lp and ev.token_id >= 0:
-                    lp = {"content": [_chat_logprobs(tok, ev)]}
-                if ev.text or lp:
-                    yield chunk({"content": ev.text}, lp=lp)
-            if not handle.done:
-                return  # the client left
-            request.state.tokens = handle.prompt_tokens + handle.completion_tokens
-            err = _failure(handle)
-            if err is not None:
-                yield _sse(err.body())
-            else:
-                yield chunk({}, handle.finish_reason)
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(handle.prompt_tokens,
-                                                                      handle.completion_tokens)})
-            yield "data: [DONE]\n\n"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for _, ev in batch.events(request):
+                    lp = None
+                    if want_lp and ev.token_id >= 0:
+                        lp = {"content": [_chat_logprobs(tok, ev)]}
+                    if ev.text or lp:
+                        yield chunk({"content": ev.text}, lp=lp)
+                if not handle.done:
+                    return  # the client left
+                request.state.tokens = handle.prompt_tokens + handle.completion_tokens
+                err = _failure(handle)
+                if err is not None:
+                    yield _sse(err.body())
+                else:
+                    yield chunk({}, handle.finish_reason)
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(handle.prompt_tokens,
+                                                                          handle.completion_tokens)})
+                yield "data: [DONE]\n\n"
+            finally:
+                charge.settle(handle.prompt_tokens + handle.completion_tokens)
 
         return _stream_response(chunks())
 
     lps: list[dict[str, Any]] = []
-    async for _, ev in _events(request, [handle]):
-        if want_lp and ev.token_id >= 0:
-            lps.append(_chat_logprobs(tok, ev))
+    try:
+        async for _, ev in batch.events(request):
+            if want_lp and ev.token_id >= 0:
+                lps.append(_chat_logprobs(tok, ev))
+    finally:
+        charge.settle(handle.prompt_tokens + handle.completion_tokens)
     if not handle.done:
         return JSONResponse({}, status_code=499)  # client closed the request; nobody reads this
     err = _failure(handle)
@@ -501,7 +586,7 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
         raise bad_request("stream_options: only allowed with stream: true", param="stream_options")
     if not isinstance(opts, dict):
         raise bad_request(f"stream_options: must be an object, got {json.dumps(opts)}", param="stream_options")
-    return _bool(opts, "include_usage")
+    return get_bool(opts, "include_usage")
 
 
 def _stream_response(gen: AsyncIterator[str]) -> StreamingResponse:
@@ -512,10 +597,13 @@ def _stream_response(gen: AsyncIterator[str]) -> StreamingResponse:
 # --------------------------------------------------------------------------- /v1/completions
 
 
-def _prompts(body: dict[str, Any], tok: Any) -> list[tuple[str, list[int], bool]]:
+def _prompts(body: dict[str, Any], tok: Any, max_prompts: int) -> list[tuple[str, list[int], bool]]:
     """(prompt text, ids, starts with an added BOS) per prompt; text prompts get BOS like pre-training docs."""
     p = body.get("prompt")
     vocab = tok.vocab_size
+    if isinstance(p, list) and p and not all(isinstance(x, int) for x in p) and len(p) > max_prompts:
+        raise bad_request(f"prompt: at most {max_prompts} prompts per request, got {len(p)}; send several requests",
+                          param="prompt", code="too_many_prompts")
 
     def from_ids(ids: list[Any], at: str) -> tuple[str, list[int], bool]:
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
@@ -565,41 +653,34 @@ async def completions(request: Request) -> Any:
     body = await _body(request)
     served = _model(state, body)
     engine, tok = served.engine, served.engine.tokenizer
-    prompts = _prompts(body, tok)
+    prompts = _prompts(body, tok, state.settings.max_prompts_per_request)
     _unsupported(body, "best_of", (1,), "only best_of=1 is supported")
     _unsupported(body, "suffix", ("",), "suffix (insertion) is not supported")
-    echo = _bool(body, "echo")
-    n_lp = _int(body, "logprobs", 0, MAX_LOGPROBS)
-    stream = _bool(body, "stream")
+    echo = get_bool(body, "echo")
+    n_lp = get_int(body, "logprobs", required=False, lo=0, hi=MAX_LOGPROBS)
+    stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
-    max_tokens = _int(body, "max_tokens", 0, default=DEFAULT_COMPLETION_TOKENS)
+    max_tokens = get_int(body, "max_tokens", required=False, lo=0, default=DEFAULT_COMPLETION_TOKENS)
     base = _sampling(body, max_tokens)
     budgets = [_budget(served, state, len(ids), max_tokens, "prompt") for _, ids, _ in prompts]
-
-    # Prompt logprobs (echo + logprobs, as lm-evaluation-harness asks): one forward per prompt.
-    prompt_lp: list[dict[str, list[Any]] | None] = [None] * len(prompts)
-    if echo and n_lp is not None:
-        for k, (_, ids, bos) in enumerate(prompts):
-            lps, tops = await run_in_threadpool(engine.score_prompt, ids, n_lp)
-            skip = 1 if bos else 0  # the added BOS is not part of the prompt text
-            prompt_lp[k] = _legacy_logprobs(tok, ids[skip:], lps[skip:], tops[skip:], _Offsets())
-
-    handles: list[GenerationHandle | None] = []
-    try:
-        for (_, ids, _), budget in zip(prompts, budgets):
-            if budget == 0:
-                handles.append(None)  # nothing to generate (max_tokens 0: scoring only)
-                continue
-            params = SamplingParams(**{**base.__dict__, "max_tokens": budget, "logprobs": n_lp})
-            handles.append(_submit(served, ids, params, stop_token_ids(tok)))  # a special token ends the text
-    except APIError:
-        for h in handles:
-            if h is not None:
-                h.cancel()
-        raise
-    live = [h for h in handles if h is not None]
-    index = {id(h): k for k, h in enumerate(handles) if h is not None}
     n_prompt = sum(len(ids) for _, ids, _ in prompts)
+    charge = _TokenCharge(request, state, n_prompt + sum(budgets))
+    jobs = [None if budget == 0 else  # nothing to generate (max_tokens 0: scoring only)
+            (ids, SamplingParams(**{**base.__dict__, "max_tokens": budget, "logprobs": n_lp}))
+            for (_, ids, _), budget in zip(prompts, budgets)]
+    batch = _Batch(served, jobs, state.settings.inflight_per_request)
+    try:
+        # Prompt logprobs (echo + logprobs, as lm-evaluation-harness asks): one forward per prompt.
+        prompt_lp: list[dict[str, list[Any]] | None] = [None] * len(prompts)
+        if echo and n_lp is not None:
+            for k, (_, ids, bos) in enumerate(prompts):
+                lps, tops = await run_in_threadpool(engine.score_prompt, ids, n_lp)
+                skip = 1 if bos else 0  # the added BOS is not part of the prompt text
+                prompt_lp[k] = _legacy_logprobs(tok, ids[skip:], lps[skip:], tops[skip:], _Offsets())
+        batch.start()
+    except BaseException:
+        charge.settle(0)
+        raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": served.id,
             "system_fingerprint": _fingerprint(served)}
@@ -611,11 +692,14 @@ async def completions(request: Request) -> Any:
                                 offsets[k])
 
     def finish_reason(k: int) -> str:
-        h = handles[k]
+        h = batch.handles[k]
         return "length" if h is None else str(h.finish_reason)
 
     def completion_tokens() -> int:
-        return sum(h.completion_tokens for h in live)
+        return sum(h.completion_tokens for h in batch.live())
+
+    def failure() -> APIError | None:
+        return batch.error or next((e for h in batch.live() if (e := _failure(h)) is not None), None)
 
     if stream:
         async def chunks() -> AsyncIterator[str]:
@@ -625,45 +709,48 @@ async def completions(request: Request) -> Any:
                     c["usage"] = None
                 return _sse(c)
 
-            if echo:
-                for k, (text, _, _) in enumerate(prompts):
-                    yield chunk(k, text, prompt_lp[k])
-            async for j, ev in _events(request, live):
-                k = index[id(live[j])]
-                lp = token_lp(k, ev) if n_lp is not None and ev.token_id >= 0 else None
-                if ev.text or lp:
-                    yield chunk(k, ev.text, lp)
-            if not all(h.done for h in live):
-                return  # the client left
-            request.state.tokens = n_prompt + completion_tokens()
-            errs = [e for h in live if (e := _failure(h)) is not None]
-            if errs:
-                yield _sse(errs[0].body())
-            else:
-                for k in range(len(prompts)):
-                    yield chunk(k, "", None, finish_reason(k))
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(n_prompt, completion_tokens())})
-            yield "data: [DONE]\n\n"
+            try:
+                if echo:
+                    for k, (text, _, _) in enumerate(prompts):
+                        yield chunk(k, text, prompt_lp[k])
+                async for k, ev in batch.events(request):
+                    lp = token_lp(k, ev) if n_lp is not None and ev.token_id >= 0 else None
+                    if ev.text or lp:
+                        yield chunk(k, ev.text, lp)
+                if batch.error is None and not batch.done:
+                    return  # the client left
+                request.state.tokens = n_prompt + completion_tokens()
+                err = failure()
+                if err is not None:
+                    yield _sse(err.body())
+                else:
+                    for k in range(len(prompts)):
+                        yield chunk(k, "", None, finish_reason(k))
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(n_prompt, completion_tokens())})
+                yield "data: [DONE]\n\n"
+            finally:
+                charge.settle(n_prompt + completion_tokens())
 
         return _stream_response(chunks())
 
     gen_lp: list[dict[str, list[Any]]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                            "text_offset": []} for _ in prompts]
-    async for j, ev in _events(request, live):
-        k = index[id(live[j])]
-        if n_lp is not None and ev.token_id >= 0:
-            for key, vals in token_lp(k, ev).items():
-                gen_lp[k][key].extend(vals)
-    if not all(h.done for h in live):
+    try:
+        async for k, ev in batch.events(request):
+            if n_lp is not None and ev.token_id >= 0:
+                for key, vals in token_lp(k, ev).items():
+                    gen_lp[k][key].extend(vals)
+    finally:
+        charge.settle(n_prompt + completion_tokens())
+    if batch.error is None and not batch.done:
         return JSONResponse({}, status_code=499)  # client closed the request; nobody reads this
-    for h in live:
-        if (err := _failure(h)) is not None:
-            raise err
+    if (err := failure()) is not None:
+        raise err
     request.state.tokens = n_prompt + completion_tokens()
     choices = []
     for k, (text, _, _) in enumerate(prompts):
-        h = handles[k]
+        h = batch.handles[k]
         out = (text if echo else "") + (h.text if h is not None else "")
         lp = None
         if n_lp is not None:

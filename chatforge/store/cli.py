@@ -3,6 +3,7 @@
     chatforge feedback export [--db URL | --run NAME] --out DIR [--kind K ...] [--min-rating X]
     chatforge feedback users add USERNAME --role R [--password P]   (asks for it if not given)
     chatforge feedback users list
+    chatforge feedback users set-role USERNAME ROLE
     chatforge feedback import NAME FILE.jsonl --kind prompts|items [--user ADMIN]
     chatforge feedback db upgrade
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import read_jsonl
+from chatforge.io import MAX_JSON_DEPTH, read_jsonl
 from chatforge.store.constants import EXPORT_KINDS, ROLES
 
 if TYPE_CHECKING:
@@ -109,6 +110,19 @@ def cmd_users_key(args: argparse.Namespace) -> None:
           f"whenever the API asks for keys (any --api-key or CHATFORGE_API_KEY given).", file=sys.stderr)
 
 
+def cmd_users_set_role(args: argparse.Namespace) -> None:
+    from chatforge.store.service import NotFound, set_role
+
+    store = _open(args)
+    try:
+        user = set_role(store, args.username, args.role)
+    except NotFound as e:
+        raise ChatforgeError(f"{e} in {store.safe_url}; list them with `chatforge feedback users list`") from e
+    finally:
+        store.close()
+    print(f"user {user['username']!r} is now {user['role']}")
+
+
 def cmd_users_list(args: argparse.Namespace) -> None:
     from chatforge.store.service import list_users
 
@@ -130,7 +144,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
     path = Path(args.file)
     lines, rows = [], []
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, max_depth=MAX_JSON_DEPTH):  # nested deeper: an error naming file:line
         lines.append(lineno)
         rows.append(obj)
     if not rows:
@@ -197,6 +211,11 @@ def add_feedback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     key.add_argument("username")
     _db_args(key)
     key.set_defaults(func=cmd_users_key)
+    role = users_sub.add_parser("set-role", help="change a user's role (the last admin stays admin)")
+    role.add_argument("username")
+    role.add_argument("role", choices=ROLES)
+    _db_args(role)
+    role.set_defaults(func=cmd_users_set_role)
     ls = users_sub.add_parser("list", help="list users")
     _db_args(ls)
     ls.set_defaults(func=cmd_users_list)

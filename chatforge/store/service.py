@@ -4,8 +4,8 @@ Each function takes the ``Store`` first, runs in one transaction and returns pla
 dicts (never ORM objects), so callers cannot trigger lazy loads after the session
 closed and results serialise straight to JSON (timestamps are ISO 8601 UTC strings).
 
-Errors say what to fix: ``NotFound`` (no such id), ``Forbidden`` (someone else's
-conversation or assignment), ``Conflict`` (a duplicate: the username exists, the
+Errors say what to fix: ``NotFound`` (no such id, or someone else's conversation,
+message or assignment: the same answer, so ids do not tell what exists), ``Conflict`` (a duplicate: the username exists, the
 assignment was already submitted) and ``Invalid`` (a bad value; ``.field`` names it,
 e.g. ``rows[3].prompt`` or ``fluency``). All are ``ChatforgeError``s.
 
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select
+from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -70,14 +70,16 @@ from chatforge.store.models import (
 
 __all__ = [
     "ROLES", "RATING_ASPECTS", "NotFound", "Forbidden", "Conflict", "Invalid",
-    "create_user", "authenticate", "create_session", "user_for_session", "end_session", "create_api_key",
+    "create_user", "authenticate", "create_session", "user_for_session", "end_session", "end_user_sessions",
+    "create_api_key",
     "user_for_api_key", "list_users", "set_role", "create_conversation", "list_conversations",
     "get_conversation", "add_message", "set_message_feedback", "import_dataset", "list_datasets",
     "create_label_schema", "list_label_schemas", "prompts_needing_responses", "add_response", "assign",
     "next_assignment", "submit_rating", "submit_ranking", "submit_label", "progress", "agreement",
 ]
 
-SESSION_TTL = timedelta(days=7)
+SESSION_TTL = timedelta(days=7)  # a login lasts at most this long ...
+SESSION_IDLE = timedelta(hours=1)  # ... and ends after this long unused (the web app passes its setting)
 API_KEY_PREFIX = "cf-"
 MAX_TEXT_CHARS = 1_000_000  # message contents, responses, items
 MAX_COMMENT_CHARS = 10_000
@@ -97,7 +99,7 @@ class NotFound(ChatforgeError):
 
 
 class Forbidden(ChatforgeError):
-    """It exists but belongs to someone else (or the role does not allow it)."""
+    """The role does not allow it (someone else's things are ``NotFound``, not this)."""
 
 
 class Conflict(ChatforgeError):
@@ -247,30 +249,47 @@ def authenticate(store: Store, username: str, password: str) -> dict[str, Any] |
     return result if ok and result is not None else None
 
 
-def create_session(store: Store, user_id: int, ttl: timedelta = SESSION_TTL) -> str:
-    """A new login session token (the cookie value; only its sha256 is stored)."""
+def create_session(store: Store, user_id: int, ttl: timedelta = SESSION_TTL,
+                   idle: timedelta | None = None) -> str:
+    """A new login session token (the cookie value; only its sha256 is stored). It lasts ``ttl``
+    at most and, with ``idle``, ends once unused that long (``user_for_session`` slides it on)."""
     token = secrets.token_urlsafe(32)
+    now = utcnow()
     with store.session() as s:
         _get(s, User, user_id, "user")
-        s.add(LoginSession(token_hash=_sha256(token), user_id=user_id, expires_at=utcnow() + ttl))
+        s.add(LoginSession(token_hash=_sha256(token), user_id=user_id, created_at=now,
+                           expires_at=now + (min(ttl, idle) if idle is not None else ttl)))
     return token
 
 
-def user_for_session(store: Store, token: str | None) -> dict[str, Any] | None:
-    """The user a live session token belongs to, else None (expired ones are removed)."""
+def user_for_session(store: Store, token: str | None, idle: timedelta | None = None,
+                     ttl: timedelta = SESSION_TTL) -> dict[str, Any] | None:
+    """The user a live session token belongs to, else None (expired ones are removed).
+
+    With ``idle``, ``expires_at`` is the idle deadline: each use moves it to now + ``idle``
+    (written at most once per ``LAST_USED_RESOLUTION``), never past ``created_at + ttl``."""
     if not isinstance(token, str) or not token:
         return None
     token_hash = _sha256(token)
+    now = utcnow()
     with store.session(write=False) as s:
-        row = s.execute(select(LoginSession.expires_at, User).join(User, User.id == LoginSession.user_id)
+        row = s.execute(select(LoginSession.id, LoginSession.created_at, LoginSession.expires_at, User)
+                        .join(User, User.id == LoginSession.user_id)
                         .where(LoginSession.token_hash == token_hash)).first()
         if row is None:
             return None
-        expires_at, user = row
-        if expires_at > utcnow():
-            return _user_dict(user)
-    end_session(store, token)
-    return None
+        session_id, created_at, expires_at, user = row
+        live = expires_at > now
+        result = _user_dict(user)
+    if not live:
+        end_session(store, token)
+        return None
+    if idle is not None:
+        slid = min(created_at + ttl, now + idle)
+        if slid - expires_at >= LAST_USED_RESOLUTION:
+            with store.session() as s:
+                s.execute(update(LoginSession).where(LoginSession.id == session_id).values(expires_at=slid))
+    return result
 
 
 def end_session(store: Store, token: str | None) -> None:
@@ -279,6 +298,12 @@ def end_session(store: Store, token: str | None) -> None:
         return
     with store.session() as s:
         s.execute(delete(LoginSession).where(LoginSession.token_hash == _sha256(token)))
+
+
+def end_user_sessions(store: Store, user_id: int) -> int:
+    """Log out everywhere: end every session of ``user_id``; returns how many there were."""
+    with store.session() as s:
+        return s.execute(delete(LoginSession).where(LoginSession.user_id == user_id)).rowcount or 0
 
 
 def create_api_key(store: Store, user_id: int) -> str:
@@ -355,10 +380,10 @@ def list_conversations(store: Store, user_id: int) -> list[dict[str, Any]]:
                 for c in rows]
 
 
-def _own_conversation(s: Session, user_id: int, conv_id: int) -> Conversation:
+def _own_conversation(s: Session, user_id: int, conv_id: int, missing: str | None = None) -> Conversation:
     conv = _get(s, Conversation, conv_id, "conversation")
-    if conv.user_id != user_id:
-        raise Forbidden(f"conversation {conv_id} belongs to another user")
+    if conv.user_id != user_id:  # the same answer as for a missing id: ids do not tell what exists
+        raise NotFound(missing or f"no conversation with id {conv_id}")
     return conv
 
 
@@ -424,7 +449,7 @@ def set_message_feedback(store: Store, user_id: int, message_id: int, thumb: int
         try:
             with store.session() as s:
                 msg = _get(s, Message, message_id, "message")
-                _own_conversation(s, user_id, msg.conversation_id)
+                _own_conversation(s, user_id, msg.conversation_id, missing=f"no message with id {message_id}")
                 if msg.role != "assistant":
                     raise Invalid("message_id", f"message {message_id} is a {msg.role} message; "
                                                 "only answers get feedback")
@@ -760,8 +785,8 @@ def _claim(s: Session, user_id: int, assignment_id: int, kind: str) -> Assignmen
     a = s.scalar(select(Assignment).where(Assignment.id == assignment_id).with_for_update())
     if a is None:
         raise NotFound(f"no assignment with id {assignment_id}")
-    if a.user_id != user_id:
-        raise Forbidden(f"assignment {assignment_id} is not yours")
+    if a.user_id != user_id:  # the same answer as for a missing id: ids do not tell what exists
+        raise NotFound(f"no assignment with id {assignment_id}")
     if a.kind != kind:
         raise Invalid("assignment_id", f"assignment {assignment_id} is a {a.kind} assignment, not {kind}")
     return a

@@ -5,7 +5,8 @@
 // - api(): JSON fetch with the session cookie; an error answer {"error": ...} becomes an Error
 //   whose message is shown as is; 401 sends the browser to /login.
 // - streamChat(): POSTs JSON and reads a text/event-stream answer ("data: {...}" events).
-// - nav(): the bar at the top: the pages the user's role may use, the user, the role, log out.
+// - nav(): the bar at the top: the pages the user's role may use, the user, the role, log out
+//   (this browser, or every session of the account).
 "use strict";
 
 const CF = (() => {
@@ -112,11 +113,15 @@ const CF = (() => {
     const logout = el("button", { type: "button", id: "logout", onclick: async () => {
       try { await api("/api/logout", { body: {} }); } finally { location.assign("/login"); }
     } }, "Log out");
+    const everywhere = el("button", { type: "button", id: "logout-everywhere",
+      title: "End every session of this account, in every browser", onclick: async () => {
+        try { await api("/api/logout/everywhere", { body: {} }); } finally { location.assign("/login"); }
+      } }, "Log out everywhere");
     const bar = el("nav", { class: "nav" },
       el("a", { class: "brand", href: "/chat" }, "chatforge"),
       el("div", { class: "links" }, links),
       el("div", { class: "who" }, el("span", { id: "username" }, user.username),
-         el("span", { class: "role", id: "role" }, user.role), logout));
+         el("span", { class: "role", id: "role" }, user.role), logout, everywhere));
     document.body.insertBefore(bar, document.body.firstChild);
     if (roles && !roles.includes(user.role)) {
       const main = clear(document.querySelector("main"));
