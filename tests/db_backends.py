@@ -16,23 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from ci import skip_or_fail
 
 TEST_DB_ENV = "CHATFORGE_TEST_DB_URL"
 BACKENDS = ("sqlite", "postgresql")
 MISSING = (f"no PostgreSQL server given: set {TEST_DB_ENV}=postgresql+psycopg://USER:PASS@HOST:PORT/DB "
            "to run the PostgreSQL variants (.ci/run starts one)")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip with ``reason`` locally; under ``CI=true`` fail with it (CI must not pass by skipping)."""
-    if in_ci():
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def server_url() -> str | None:

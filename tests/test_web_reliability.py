@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from db_backends import MISSING, fresh_database, server_url, skip_or_fail
+from ci import skip_or_fail
+from db_backends import MISSING, fresh_database, server_url
 from serve_fixtures import (
     ADMIN_PASSWORD,
     build_app,
