@@ -555,7 +555,8 @@ def mount_web(app: FastAPI, state: Any) -> None:
                     if event.text:
                         queue.put_nowait({"delta": event.text})
             except Exception as e:  # noqa: BLE001 - reported to the client; the partial answer is kept
-                error = error or str(e) or type(e).__name__
+                failed = str(e) or type(e).__name__
+                error = f"{error}; {failed}" if error else failed
             finally:
                 with anyio.CancelScope(shield=True):  # store the answer even if this task is being cancelled
                     done: dict[str, Any] = {"done": True, "user_message_id": user_message_id,
