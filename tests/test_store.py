@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from db_backends import BACKENDS, fresh_database
 from sqlalchemy import Column, Integer, MetaData, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -19,16 +20,33 @@ from chatforge.eval.agreement import cohen_kappa, fleiss_kappa, krippendorff_alp
 from chatforge.store import Store, default_db_url
 from chatforge.store import service as sv
 from chatforge.store.cli import add_feedback_parser
-from chatforge.store.models import Assignment, Base, LoginSession, Prompt, Rating, User, utcnow
+from chatforge.store.models import (
+    Assignment,
+    Base,
+    LoginSession,
+    Message,
+    Prompt,
+    Rating,
+    Response,
+    User,
+    utcnow,
+)
 
 SCORES = {"fluency": 4, "coherence": 4, "relevance": 5, "appropriateness": 5}
 HOSTILE = ["'; DROP TABLE users; --", "<script>alert(1)</script>", "Robert'); DELETE FROM messages;--",
            "ünïcødé ✓ 日本語 \"quotes\" \\backslash\\ %s %(x)s ?"]
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each test taking ``url`` or ``store`` runs on SQLite and on PostgreSQL (see tests/db_backends.py)."""
+    return request.param
+
+
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'fb.db'}"
+def url(backend: str, tmp_path: Path) -> str:
+    with fresh_database(backend, tmp_path) as db_url:
+        yield db_url
 
 
 @pytest.fixture
@@ -85,12 +103,13 @@ def test_migration_matches_models_and_upgrade_is_idempotent(url, store):
     again.close()
 
 
-def test_sqlite_pragmas_and_foreign_keys(store):
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+def test_sqlite_pragmas_foreign_keys_and_checks(store):
+    if store.is_sqlite:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     with pytest.raises(IntegrityError), store.session() as s:
         s.add(Prompt(dataset_id=12345, messages=[{"role": "user", "content": "x"}]))
     with pytest.raises(IntegrityError), store.session() as s:  # CHECK constraint on the role
@@ -324,6 +343,47 @@ def test_hostile_strings_round_trip_verbatim(store):
         assert (json.loads(raw) if isinstance(raw, str) else raw) == {"note": HOSTILE[2]}
 
 
+def test_unstorable_characters_one_rule_on_every_backend(store):
+    """NUL (PostgreSQL's text type refuses it) and unpaired surrogates (not UTF-8) are refused in
+    text a person sent, with the field named, before anything is written; model output (assistant
+    messages, responses) is stored with them removed. The same on SQLite and PostgreSQL."""
+    admin, bob = users(store, "admin:admin", "bob:reviewer")
+    cid = sv.create_conversation(store, bob["id"], "m")
+    uid = sv.add_message(store, cid, "user", "hi")
+    aid = sv.add_message(store, cid, "assistant", "ok")
+    bad_calls = [
+        ("content", lambda t: sv.add_message(store, cid, "user", t)),
+        ("system", lambda t: sv.create_conversation(store, bob["id"], "m", system=t)),
+        ("comment", lambda t: sv.set_message_feedback(store, bob["id"], aid, 1, t)),
+        ("rows[0].text", lambda t: sv.import_dataset(store, "items", "items", [{"text": t}], admin["id"])),
+        ("rows[0].prompt", lambda t: sv.import_dataset(store, "p1", "prompts", [{"prompt": t}], admin["id"])),
+        ("rows[0].messages[1].content", lambda t: sv.import_dataset(
+            store, "p2", "prompts", [{"messages": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": t}]}], admin["id"])),
+        ("name", lambda t: sv.create_label_schema(store, t, [{"name": "n", "type": "text"}])),
+    ]
+    for bad, what in (("a\x00b", "a NUL character (character 2)"), ("x\ud800", "an unpaired surrogate (U+D800)")):
+        for field, call in bad_calls:
+            with pytest.raises(sv.Invalid) as e:
+                call(bad)
+            assert e.value.field == field and what in str(e.value), (field, str(e.value))
+    conv = sv.get_conversation(store, bob["id"], cid)
+    assert [m["id"] for m in conv["messages"]] == [uid, aid] and conv["messages"][1]["comment"] is None
+    assert sv.list_datasets(store) == [] and sv.list_label_schemas(store) == []
+
+    # model output: the characters are removed, the rest is kept; an answer of NULs is an empty answer
+    mid = sv.add_message(store, cid, "assistant", "\x00Hel\x00lo\ud800 ✓", finish_reason="length")
+    nothing = sv.add_message(store, cid, "assistant", "\x00\x00\x00", finish_reason="length")
+    got = {m["id"]: m["content"] for m in sv.get_conversation(store, bob["id"], cid)["messages"]}
+    assert got[mid] == "Hello ✓" and got[nothing] == ""
+    assert sv.message_content("assistant", "a\x00") == "a"
+    ds = sv.import_dataset(store, "ok", "prompts", [{"prompt": "q"}], admin["id"])
+    pid = sv.prompts_needing_responses(store, ds["id"], "m", 1)[0]["id"]
+    rid = sv.add_response(store, pid, "m", "v1", "an\x00swer")
+    with store.session(write=False) as s:
+        assert s.get(Response, rid).text == "answer"
+
+
 # --------------------------------------------------------------------------- datasets and schemas
 
 
@@ -409,9 +469,17 @@ def test_prompts_needing_responses(store):
 # --------------------------------------------------------------------------- assignments
 
 
-def test_assign_overlap_balance_and_idempotence(tmp_path):
+def test_assign_overlap_balance_and_idempotence(backend, tmp_path):
     def build(path: Path) -> list[tuple[int, int]]:
-        st = Store(f"sqlite:///{path}")
+        path.mkdir()
+        with fresh_database(backend, path) as db_url:
+            st = Store(db_url)
+            try:
+                return assign_twice(st)
+            finally:
+                st.close()
+
+    def assign_twice(st: Store) -> list[tuple[int, int]]:
         admin, *_ = users(st, "admin:admin", "r1:reviewer", "r2:reviewer", "r3:reviewer", "r4:admin")
         ds = prompts_with_responses(st, admin["id"], n_prompts=9, per_prompt=1)
         assert sv.assign(st, ds, "rate", ["r1", "r2", "r3", "r4"], overlap=2) == 18
@@ -428,10 +496,9 @@ def test_assign_overlap_balance_and_idempotence(tmp_path):
         with st.session(write=False) as s:
             n = s.scalar(select(Assignment.id).order_by(Assignment.id.desc()).limit(1))
         assert n == 27
-        st.close()
         return [tuple(r) for r in rows]
 
-    assert build(tmp_path / "a.db") == build(tmp_path / "b.db")  # deterministic
+    assert build(tmp_path / "a") == build(tmp_path / "b")  # deterministic
 
 
 def test_assign_checks(store):
@@ -645,6 +712,47 @@ def test_concurrent_submissions_lose_nothing(url, store):
         assert conn.execute(text("SELECT count(DISTINCT assignment_id) FROM ratings")).scalar() == 400
         assert conn.execute(text("SELECT count(*) FROM assignments WHERE status = 'done'")).scalar() == 400
     assert sv.agreement(store, ds)["n_units"]["rate"] == 50
+
+
+def test_simultaneous_messages_into_one_conversation(url, store):
+    """10 rounds of 3 threads adding a question and its answer to one conversation at the same
+    moment (a double click, two tabs), through two Store objects like two server processes: every
+    message is stored, positions are 0..59 without a gap or a duplicate, each answer comes after its
+    question, and nothing fails (on PostgreSQL two writers used to read the same max(position))."""
+    (alice,) = users(store, "alice:reviewer")
+    cid = sv.create_conversation(store, alice["id"], "m")
+    other = Store(url)
+    rounds, width = 10, 3
+    errors: list[BaseException] = []
+    pairs: list[tuple[int, int]] = []
+
+    def send(st: Store, barrier: threading.Barrier, k: int) -> None:
+        try:
+            barrier.wait()
+            question = sv.add_message(st, cid, "user", f"question {k}")
+            answer = sv.add_message(st, cid, "assistant", f"answer {k}", parent_id=question, finish_reason="stop")
+            pairs.append((question, answer))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    for r in range(rounds):
+        barrier = threading.Barrier(width)
+        threads = [threading.Thread(target=send, args=(store if i % 2 else other, barrier, r * width + i))
+                   for i in range(width)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), f"round {r}: a writer hung"
+    other.close()
+    assert not errors, errors[:3]
+    msgs = sv.get_conversation(store, alice["id"], cid)["messages"]
+    assert len(pairs) == rounds * width and len(msgs) == 2 * rounds * width
+    with store.session(write=False) as s:
+        positions = dict(s.execute(select(Message.id, Message.position).where(Message.conversation_id == cid)).all())
+    assert sorted(positions.values()) == list(range(2 * rounds * width))
+    assert all(positions[q] < positions[a] for q, a in pairs)
+    assert [m["id"] for m in msgs] == sorted(positions, key=positions.get)  # read back in position order
 
 
 def test_racing_double_submit_gives_one_row(store):

@@ -239,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     key_note = "API key required" if settings.api_keys else "no API key required"
     print(f"OpenAI-compatible API: {base}/v1 ({key_note})")
     if settings.db_url:
-        print(f"web app: open {base}/ (database {settings.db_url})")
+        print(f"web app: open {base}/ (database {state.store.safe_url})")  # never the password
     else:
         print(f"open {base}/health to check the server (API only: no database)")
     if args.host not in LOOPBACK and not settings.api_keys:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import tempfile
@@ -66,6 +67,7 @@ from chatforge.serve.state import ServeState, client_address
 from chatforge.store import service
 from chatforge.store.export import export_feedback
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 COOKIE = "cf_session"
 PAGES = ("login", "chat", "review", "rank", "label", "admin")
@@ -266,6 +268,14 @@ def sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
+def describe_failure(exc: BaseException) -> str:
+    """``Type: first line`` of an exception; for a database error, of the driver's error, so neither
+    the SQL nor its parameters (answer text, hashes) reach the client or the log."""
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy's DBAPIError wraps the driver's exception
+    first = next(iter(str(cause).strip().splitlines()), "")
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 class _RelayResponse(StreamingResponse):
     """A streaming response that calls ``on_close`` however it ends (done, error, client gone)."""
 
@@ -456,38 +466,71 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
             raise ApiError(400, str(e)) from e
         queue: asyncio.Queue[dict] = asyncio.Queue()
 
+        async def store_answer(reason: str) -> tuple[int | None, str | None]:
+            """Store the answer; ``(message_id, None)``, or what failed. Never raises: a database error
+            must end the stream like any other. A failed first try is retried once, recorded with
+            finish_reason "error" (the failure may pass: a dropped connection, a deadlock victim)."""
+            failures = []
+            for finish in (reason, "error"):
+                try:
+                    message_id = await run_in_threadpool(
+                        service.add_message, store, conv["id"], "assistant", handle.text, model_id=model.id,
+                        model_version=model.version, parent_id=user_message_id, finish_reason=finish)
+                except Exception as e:  # noqa: BLE001 - reported to the client and logged below
+                    failures.append(describe_failure(e))
+                    continue
+                if failures:
+                    log.error("conversation %s: storing the answer failed (%s); stored on a second try as "
+                              "message %s with finish_reason 'error'", conv["id"], failures[0], message_id)
+                    return message_id, (f"storing the answer failed ({failures[0]}); it was stored on a "
+                                        "second try, marked finish_reason 'error'")
+                return message_id, None
+            log.error("conversation %s: storing the answer failed (%s; then %s); the answer was streamed "
+                      "but not saved", conv["id"], failures[0], failures[1])
+            return None, f"storing the answer failed ({failures[-1]}); the answer above was not saved"
+
         async def generate() -> None:
             nonlocal user_message_id
             error: str | None = None
             try:
                 if user_message_id is None:  # store the question only once the engine has accepted it
-                    user_message_id = await call(service.add_message, store, conv["id"], "user", new_user_text,
-                                                 parent_id=parent_id)
+                    try:
+                        user_message_id = await run_in_threadpool(
+                            service.add_message, store, conv["id"], "user", new_user_text, parent_id=parent_id)
+                    except Exception as e:  # noqa: BLE001 - still stream the answer; it cannot be stored
+                        error = f"storing your message failed ({describe_failure(e)}); the answer is not saved"
+                        log.error("conversation %s: storing the user's message failed (%s); its answer is "
+                                  "streamed but not saved", conv["id"], describe_failure(e))
                 async for event in handle:
                     if event.text:
                         queue.put_nowait({"delta": event.text})
             except Exception as e:  # noqa: BLE001 - reported to the client; the partial answer is kept
-                error = str(e) or type(e).__name__
+                failed = str(e) or type(e).__name__
+                error = f"{error}; {failed}" if error else failed
             finally:
                 with anyio.CancelScope(shield=True):  # store the answer even if this task is being cancelled
-                    if handle.finish_reason is None:  # client gone or failure: free the slot, let it settle
-                        handle.cancel()
-                        with anyio.move_on_after(5):
-                            await handle.result()
-                    reason = handle.finish_reason or ("error" if error else "cancelled")
-                    if reason == "error" and not error:
-                        error = f"generation failed: {getattr(handle, 'error', None) or 'engine error'}"
                     done: dict[str, Any] = {"done": True, "user_message_id": user_message_id,
-                                            "finish_reason": reason}
-                    # keep every answer, even a cut-short one; a failure that produced nothing is not an answer
-                    if user_message_id is not None and (handle.text or reason != "error"):
-                        try:
-                            done["message_id"] = await call(
-                                service.add_message, store, conv["id"], "assistant", handle.text,
-                                model_id=model.id, model_version=model.version, parent_id=user_message_id,
-                                finish_reason=reason)
-                        except ApiError as e:
-                            error = error or e.message
+                                            "finish_reason": "error"}
+                    try:
+                        if handle.finish_reason is None:  # client gone or failure: free the slot, let it settle
+                            handle.cancel()
+                            with anyio.move_on_after(5):
+                                await handle.result()
+                        reason = handle.finish_reason or ("error" if error else "cancelled")
+                        if reason == "error" and not error:
+                            error = f"generation failed: {getattr(handle, 'error', None) or 'engine error'}"
+                        done["finish_reason"] = reason
+                        # keep every answer, even a cut-short one; a failure that produced nothing is not one
+                        if user_message_id is not None and (handle.text or reason != "error"):
+                            message_id, failed = await store_answer(reason)
+                            if message_id is not None:
+                                done["message_id"] = message_id
+                            if failed:
+                                error = f"{error}; {failed}" if error else failed
+                                done["finish_reason"] = "error"
+                    except Exception as e:  # noqa: BLE001 - whatever broke, the stream still ends
+                        log.error("conversation %s: ending the answer failed (%s)", conv["id"], describe_failure(e))
+                        error = error or f"ending the answer failed ({describe_failure(e)})"
                     if error:
                         queue.put_nowait({"error": error})
                     queue.put_nowait(done)
@@ -513,6 +556,7 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
     async def send_message(conv_id: int, request: Request, user: dict = any_user) -> Response:
         body = await json_body(request)
         content = get_str(body, "content", max_len=MAX_MESSAGE_CHARS)
+        content = await call(service.message_content, "user", content)  # refused now, not after generating
         conv = await call(service.get_conversation, store, user["id"], conv_id)
         branch = current_branch(conv["messages"])
         parent = branch[-1]["id"] if branch else None

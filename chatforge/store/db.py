@@ -14,7 +14,12 @@ One ``Store`` per process wraps a SQLAlchemy engine. SQLite (the default: a
 
 Any other SQLAlchemy URL is passed through unchanged, e.g.
 ``postgresql+psycopg://user:pass@host/db`` for a team server (install the driver
-yourself; chatforge does not depend on it).
+yourself: ``pip install 'psycopg[binary]'``; chatforge does not depend on it). Writers
+into one conversation take turns through a row lock there (``service.add_message``).
+
+Secrets stay out of output: anything that shows a database URL shows ``safe_url(url)``
+(the password as ``***``), and the engines hide SQL parameters from their error
+messages, so a failed insert cannot print a password hash, a token hash or a user's text.
 
 Opening a Store upgrades the schema to the newest Alembic revision, inside one
 transaction, so two processes opening a fresh file at once cannot both create it.
@@ -23,6 +28,7 @@ transaction, so two processes opening a fresh file at once cannot both create it
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +44,15 @@ from chatforge.errors import ChatforgeError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password shown as ``***``: the only form of a database URL to print or log.
+    A string SQLAlchemy cannot parse keeps nothing between ``://user:`` and ``@`` either."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", str(url))
 
 
 def default_db_url(run_dir: Path) -> str:
@@ -72,12 +87,13 @@ class Store:
 
     def __init__(self, url: str, upgrade: bool = True) -> None:
         self.url = url
+        self.safe_url = safe_url(url)
         try:
             parsed = make_url(url)
-        except ArgumentError as e:
-            raise ChatforgeError(f"database URL {url!r} is not a valid SQLAlchemy URL "
-                                 "(e.g. sqlite:///runs/default/feedback.db)") from e
-        self.safe_url = parsed.render_as_string(hide_password=True)
+        except ArgumentError:  # `from None`: SQLAlchemy's message repeats the raw URL, password included
+            raise ChatforgeError(f"database URL {self.safe_url!r} is not a valid SQLAlchemy URL "
+                                 "(e.g. sqlite:///runs/default/feedback.db)") from None
+        self._password = str(parsed.password) if parsed.password else None
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         # an in-memory SQLite database is one connection shared by every session: one at a time
         self._serialize: Any = None
@@ -85,9 +101,9 @@ class Store:
             if self.is_sqlite:
                 self.engine = self._sqlite_engine(parsed)
             else:
-                self.engine = create_engine(url, pool_pre_ping=True)
+                self.engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
         except (NoSuchModuleError, ModuleNotFoundError, ImportError) as e:
-            raise ChatforgeError(f"database {self.safe_url}: no driver for it ({e}); install it, e.g. "
+            raise ChatforgeError(f"database {self.safe_url}: no driver for it ({self._scrub(e)}); install it, e.g. "
                                  "`pip install 'psycopg[binary]'` for postgresql+psycopg://") from e
         # write transactions take SQLite's write lock up front (see the module docstring)
         self._write_engine = (self.engine.execution_options(chatforge_sqlite_begin="IMMEDIATE")
@@ -95,10 +111,15 @@ class Store:
         if upgrade:
             self.upgrade()
 
+    def _scrub(self, error: BaseException) -> str:
+        """An error's message for the user, with this URL's password (should a driver echo it) as ***."""
+        message = str(error)
+        return message.replace(self._password, "***") if self._password else message
+
     def _sqlite_engine(self, parsed: Any) -> Engine:
         database = parsed.database or ""
         in_memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
-        kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+        kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}, "hide_parameters": True}
         if in_memory:
             # every new connection to :memory: would be a new, empty database: share one
             kwargs["poolclass"] = StaticPool
@@ -146,7 +167,7 @@ class Store:
         except ChatforgeError:
             raise
         except Exception as e:
-            raise ChatforgeError(f"database {self.safe_url}: cannot upgrade the schema: {e}") from e
+            raise ChatforgeError(f"database {self.safe_url}: cannot upgrade the schema: {self._scrub(e)}") from e
         return self.current_revision()
 
     def current_revision(self) -> str | None:

@@ -73,7 +73,7 @@ __all__ = [
     "create_user", "authenticate", "create_session", "user_for_session", "end_session", "end_user_sessions",
     "create_api_key",
     "user_for_api_key", "list_users", "set_role", "create_conversation", "list_conversations",
-    "get_conversation", "add_message", "set_message_feedback", "import_dataset", "list_datasets",
+    "get_conversation", "message_content", "add_message", "set_message_feedback", "import_dataset", "list_datasets",
     "create_label_schema", "list_label_schemas", "prompts_needing_responses", "add_response", "assign",
     "next_assignment", "submit_rating", "submit_ranking", "submit_label", "progress", "agreement",
 ]
@@ -92,6 +92,13 @@ LABEL_FIELD_TYPES = ("choice", "text", "bool")
 RATE_ROLES = ("reviewer", "admin")
 LABEL_ROLES = ("annotator", "admin")
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't take the write lock on every API request
+# Characters no backend stores in a text column: NUL (PostgreSQL's text type refuses it) and unpaired
+# UTF-16 surrogates (not encodable as UTF-8, which every driver sends). One rule for every backend, in
+# `_text`: text a person sent is refused with `Invalid` naming the field (the web app answers 422);
+# text a model generated (assistant messages, responses) has them removed, because an untrained
+# model can sample the NUL byte and its answer must still be kept. Text inside JSON columns
+# (prompt messages, item meta, label values) is stored escaped, so only its message contents are checked.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 class NotFound(ChatforgeError):
@@ -126,9 +133,19 @@ def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def _text(value: Any, field: str, max_chars: int = MAX_TEXT_CHARS, allow_empty: bool = False) -> str:
+def _text(value: Any, field: str, max_chars: int = MAX_TEXT_CHARS, allow_empty: bool = False,
+          generated: bool = False) -> str:
+    """The one check every stored text goes through (see ``UNSTORABLE``): a string, not blank
+    unless ``allow_empty``, at most ``max_chars``, and free of characters a backend cannot store:
+    refused (``Invalid`` naming ``field``), or removed when the text is model output (``generated``)."""
     if not isinstance(value, str):
         raise Invalid(field, f"must be a string, got {_type(value)}")
+    if generated:
+        value = UNSTORABLE.sub("", value)
+    elif (bad := UNSTORABLE.search(value)) is not None:
+        what = "a NUL character" if bad.group() == "\x00" else f"an unpaired surrogate (U+{ord(bad.group()):04X})"
+        raise Invalid(field, f"contains {what} (character {bad.start() + 1}); the database cannot store it: "
+                             "remove it (text may hold any other Unicode character)")
     if not allow_empty and not value.strip():
         raise Invalid(field, "must not be empty")
     if len(value) > max_chars:
@@ -138,6 +155,15 @@ def _text(value: Any, field: str, max_chars: int = MAX_TEXT_CHARS, allow_empty: 
 
 def _opt_text(value: Any, field: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
     return None if value is None else _text(value, field, max_chars, allow_empty=True)
+
+
+def message_content(role: str, content: Any) -> str:
+    """``content`` as ``add_message`` stores it for ``role``, or ``Invalid`` (field ``content``): lets
+    the web app refuse a message before it starts generating an answer to it. An assistant message is
+    model output: it may be empty, and characters no backend can store are removed from it."""
+    if role == "assistant":
+        return _text(content, "content", allow_empty=True, generated=True)
+    return _text(content, "content")
 
 
 def _int(value: Any, field: str, minimum: int | None = None) -> int:
@@ -158,10 +184,13 @@ def _choice(value: Any, field: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def _get(s: Session, model: type, id_: Any, what: str, field: str | None = None) -> Any:
+def _get(s: Session, model: type, id_: Any, what: str, field: str | None = None, lock: bool = False) -> Any:
+    """The row, or NotFound; ``lock``: held with a row lock (``FOR NO KEY UPDATE``) until the
+    transaction ends, for read-modify-writes that must not interleave (ignored by SQLite, whose
+    write transactions already run one at a time)."""
     if isinstance(id_, bool) or not isinstance(id_, int):
         raise Invalid(field or f"{what}_id", f"must be an integer id, got {_type(id_)}")
-    obj = s.get(model, id_)
+    obj = s.get(model, id_, with_for_update={"key_share": True} if lock else None)
     if obj is None:
         raise NotFound(f"no {what} with id {id_}")
     return obj
@@ -412,12 +441,17 @@ def add_message(store: Store, conv_id: int, role: str, content: str, model_id: s
     user message (so a regenerated answer becomes a sibling of the first) and any other
     message follows the latest message. The first user message titles the conversation."""
     _choice(role, "role", ("system", "user", "assistant"))
-    content = _text(content, "content", allow_empty=role == "assistant")  # a model may say nothing
+    content = message_content(role, content)
     model_id = _opt_text(model_id, "model_id", MAX_NAME_CHARS)
     model_version = _opt_text(model_version, "model_version", 64)
     finish_reason = _opt_text(finish_reason, "finish_reason", 16)
     with store.session() as s:
-        conv = _get(s, Conversation, conv_id, "conversation")
+        # The conversation row is locked until commit, so writers into one conversation take turns:
+        # max(position) + 1 below and the title update see every message committed before. SQLite's
+        # BEGIN IMMEDIATE already serialises writers; on PostgreSQL (READ COMMITTED) two writers would
+        # otherwise read the same max and one would hit the unique (conversation_id, position).
+        # FOR NO KEY UPDATE: it does not block inserts elsewhere that merely reference the row.
+        conv = _get(s, Conversation, conv_id, "conversation", lock=True)
         if parent_id is not None:
             parent = _get(s, Message, parent_id, "message", field="parent_id")
             if parent.conversation_id != conv.id:
@@ -483,6 +517,8 @@ def _prompt_row(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         validate_messages(messages, where=field)
     except DataError as e:
         raise Invalid(field, str(e).removeprefix(f"{field}: ")) from e
+    for i, m in enumerate(messages):
+        _text(m["content"], f"{field}[{i}].content", allow_empty=True)
     # a conversation ending with its reference answer is prompted with what precedes it
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt_messages(messages)]
     if not messages or messages[-1]["role"] != "user":
@@ -630,7 +666,7 @@ def prompts_needing_responses(store: Store, dataset_id: int, model_id: str, per_
 def add_response(store: Store, prompt_id: int, model_id: str, model_version: str | None, text: str) -> int:
     model_id = _text(model_id, "model_id", MAX_NAME_CHARS)
     model_version = _opt_text(model_version, "model_version", 64)
-    text = _text(text, "text", allow_empty=True)
+    text = _text(text, "text", allow_empty=True, generated=True)  # model output
     with store.session() as s:
         _get(s, Prompt, prompt_id, "prompt")
         r = Response(prompt_id=prompt_id, model_id=model_id, model_version=model_version, text=text)

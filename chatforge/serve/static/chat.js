@@ -119,8 +119,10 @@ function sampling() {
   return body;
 }
 
-// Stream an answer from `path` into a new assistant bubble, then reload the conversation.
-async function streamAnswer(path, body) {
+// Stream an answer from `path` into a new assistant bubble, then reload the conversation. An answer
+// the server could not store (its done event has no message_id) stays on the page, marked
+// "not saved", with the `question` bubble when that was not stored either.
+async function streamAnswer(path, body, question = null) {
   const status = document.getElementById("status");
   const box = document.getElementById("messages");
   const live = el("div", { class: "msg assistant streaming", id: "streaming" },
@@ -132,6 +134,8 @@ async function streamAnswer(path, body) {
   setStreaming(controller);
   setStatus(status, "generating…");
   let finish = null;
+  let error = null;
+  let done = null;
   let refused = false;
   try {
     await streamChat(path, body, (event) => {
@@ -139,10 +143,11 @@ async function streamAnswer(path, body) {
         live.querySelector(".text").textContent += event.delta;
         box.scrollTop = box.scrollHeight;
       }
-      if (event.error) setStatus(status, event.error, "error");
-      if (event.done) finish = event.finish_reason;
+      if (event.error) { error = event.error; setStatus(status, event.error, "error"); }
+      if (event.done) { done = event; finish = event.finish_reason; }
     }, controller.signal);
-    if (finish) setStatus(status, finish === "length" ? "stopped at the token limit" : "", finish === "error" ? "error" : "");
+    if (finish) setStatus(status, error || (finish === "length" ? "stopped at the token limit" : ""),
+                          finish === "error" || error ? "error" : "");
   } catch (err) {
     refused = !controller.signal.aborted;
     setStatus(status, controller.signal.aborted ? "stopped" : err.message, controller.signal.aborted ? "" : "error");
@@ -150,6 +155,13 @@ async function streamAnswer(path, body) {
   } finally {
     setStreaming(null);
     await openConversation(state.conv.id);
+    if (done && done.message_id == null && live.querySelector(".text").textContent) {
+      if (question && done.user_message_id == null) box.appendChild(question);
+      live.classList.replace("streaming", "unsaved");
+      live.removeAttribute("id");
+      live.querySelector(".who").textContent += " · not saved";
+      box.appendChild(live);
+    }
   }
   return !refused;
 }
@@ -181,8 +193,9 @@ async function send() {
     return;
   }
   input.value = "";
-  document.getElementById("messages").appendChild(bubble({ role: "user", content }));
-  const ok = await streamAnswer(`/api/conversations/${state.conv.id}/messages`, { content, ...sampling() });
+  const question = bubble({ role: "user", content });
+  document.getElementById("messages").appendChild(question);
+  const ok = await streamAnswer(`/api/conversations/${state.conv.id}/messages`, { content, ...sampling() }, question);
   // A refused request (e.g. too long for the context) stored nothing: give the text back to edit.
   const last = state.conv.messages[state.conv.messages.length - 1];
   if (!ok && !(last && last.role === "user" && last.content === content) && !input.value) input.value = content;
