@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -572,53 +572,67 @@ def choose_qualities(rng: random.Random, n: int) -> list[str]:
     return sorted(["good", *bad], key=QUALITY_ORDER.index)
 
 
-def _fitting(forms: list[Callable[[], str]], room: int) -> str:
-    """The first of ``forms`` (longest first) whose text fits in ``room`` characters, else the last one."""
-    for make in forms[:-1]:
-        text = make()
+def _fitting(forms: Iterator[str], room: int) -> str:
+    """The first of ``forms`` (longest first, made as needed) that fits in ``room`` characters, else the last."""
+    text = ""
+    for text in forms:
         if len(text) <= room:
-            return text
-    return forms[-1]()
+            break
+    return text
+
+
+def _joined(*parts: str) -> str:
+    return " ".join(x for x in parts if x)
+
+
+def _rude_forms(ctx: Ctx, rng: random.Random) -> Iterator[str]:
+    yield answer(ctx, rng, tone="rude")
+    jab, body = sentence(pick(rng, RUDE_OPEN), rng, {}), facts(ctx, rng)
+    yield _joined(jab, *body[:2])
+    yield _joined(jab, body[0])
+
+
+def _flawed_forms(ctx: Ctx, rng: random.Random, flaw: str) -> Iterator[str]:
+    """The facts plus ``flaw``: framed by an opener and a closer, or bare, or the first fact only, or the
+    flaw alone."""
+    body = facts(ctx, rng)
+    yield _joined(opener(ctx, rng), *body, flaw, closer(ctx, rng))
+    yield _joined(*body, flaw)
+    yield _joined(body[0], flaw)
+    yield flaw
+
+
+def _wrong_forms(ctx: Ctx, rng: random.Random, products: list[w.Product]) -> Iterator[str]:
+    yield wrong_answer(rng, ctx, products)
+    yield wrong_answer(rng, ctx, products, tone="terse")
 
 
 def candidate_texts(rng: random.Random, conv: Conversation, qualities: list[str], pool: list[w.Customer],
                     products: list[w.Product]) -> dict[str, str]:
-    """One answer per quality. Each fits with the prompt in ``MAX_CONVERSATION_CHARS`` (so a reward model
-    or DPO on the tiny preset sees every pair whole): a long one is told in a shorter form of that quality."""
+    """One answer per quality, each fitting with the prompt in ``MAX_CONVERSATION_CHARS`` (so a reward
+    model or DPO on the tiny preset sees every pair whole): a long one is told in a shorter form of the
+    same quality (the shortest form is kept even if still over; the tests check that none is)."""
     ctx = conv.ctx
     room = MAX_CONVERSATION_CHARS - conversation_chars(conv.messages[:conv.prompt_len])
     out: dict[str, str] = {}
     policy = dict(POLICY_VALUES, category=pick(rng, w.CATEGORIES).title.lower())
-
-    def joined(*parts: str) -> str:
-        return " ".join(x for x in parts if x)
-
-    def with_extra(extra: str) -> list[Callable[[], str]]:
-        """The facts plus ``extra`` (the flaw): framed by an opener and a closer, or bare, or the first fact only."""
-        body = facts(ctx, rng)
-        return [lambda: joined(opener(ctx, rng), *body, extra, closer(ctx, rng)), lambda: joined(*body, extra),
-                lambda: joined(body[0], extra)]
-
     for q in qualities:
         if q == "good":
             text = conv.main_answer
         elif q == "terse":
             text = answer(ctx, rng, tone=q)
         elif q == "rude":
-            text = _fitting([lambda: answer(ctx, rng, tone="rude"), lambda: joined(
-                sentence(pick(rng, RUDE_OPEN), rng, {}), *facts(ctx, rng)[:2])], room)
+            text = _fitting(_rude_forms(ctx, rng), room)
         elif q == "wrong_facts":
-            text = _fitting([lambda: wrong_answer(rng, ctx, products),
-                             lambda: wrong_answer(rng, ctx, products, tone="terse")], room)
+            text = _fitting(_wrong_forms(ctx, rng, products), room)
         elif q == "unsafe_leak":
-            text = _fitting(with_extra(_leak(rng, ctx, pool)), room)
+            text = _fitting(_flawed_forms(ctx, rng, _leak(rng, ctx, pool)), room)
         elif q == "overpromise":
-            text = _fitting(with_extra(sentence(pick(rng, OVERPROMISE), rng, {})), room)
+            text = _fitting(_flawed_forms(ctx, rng, sentence(pick(rng, OVERPROMISE), rng, {})), room)
         elif q == "unhelpful":
-            text = " ".join(x for x in (opener(ctx, rng), sentence(pick(rng, UNHELPFUL), rng, policy)) if x)
+            text = _joined(opener(ctx, rng), sentence(pick(rng, UNHELPFUL), rng, policy))
         elif q == "off_topic":
-            text = " ".join(x for x in (opener(ctx, rng), sentence(pick(rng, OFF_TOPIC), rng, policy),
-                                        closer(ctx, rng)) if x)
+            text = _joined(opener(ctx, rng), sentence(pick(rng, OFF_TOPIC), rng, policy), closer(ctx, rng))
         else:
             raise ValueError(f"unknown candidate quality {q!r}")
         out[q] = text
