@@ -49,6 +49,7 @@ class CollectConfig:
     id_field: str = "id"  # field holding a document id, when present
     hf_split: str = "train"  # split used for hf:NAME sources
     max_docs: int = 0  # 0 = no limit
+    max_doc_chars: int = 50_000  # a longer .txt/.md file becomes documents FILE#1, FILE#2, ... (0 = one per file)
 
 
 @dataclass
@@ -452,6 +453,7 @@ def validate(cfg: RunConfig) -> None:
     _check(2 <= sw.n_candidates <= 8, "supportworld.n_candidates", "must be between 2 and 8")
     _check(0 < sw.val_fraction < 0.5 and 0 < sw.test_fraction < 0.5, "supportworld.val_fraction",
            "val_fraction and test_fraction must each be in (0, 0.5)")
+    _check(cfg.collect.max_doc_chars >= 0, "collect.max_doc_chars", "must be >= 0 (0 = one document per file)")
     c = cfg.clean
     _check(c.min_chars >= 0 and c.min_words >= 0, "clean.min_chars", "must be >= 0")
     _check(c.max_words > c.min_words, "clean.max_words", "must be greater than clean.min_words")

@@ -276,7 +276,8 @@ def test_long_conversations_are_truncated_and_counted_never_crash():
     assert (stats.conversations, stats.examples, stats.truncated, stats.dropped_no_learned) == (3, 2, 2, 1)
     assert stats.truncated_tokens == (len(full) - 20) + (len(render(long_prompt, TOK)) - 20)
     assert any("a:2: truncated" in w for w in stats.warnings) and any("a:3: dropped" in w for w in stats.warnings)
-    assert "2 truncated" in stats.summary()
+    assert stats.summary().endswith(f"2 truncated ({stats.truncated_tokens} tokens cut), 1 of them dropped "
+                                    "(no assistant token left after truncation)")
 
 
 # --------------------------------------------------------------------------- packing and batches

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from chatforge.config import CollectConfig
+from chatforge.config import CleanConfig, CollectConfig
+from chatforge.data.clean import clean
 from chatforge.data.collect import collect, iter_documents
 from chatforge.data.json_stream import iter_json_values
+from chatforge.data.split import split_text
 from chatforge.errors import ChatforgeError, DataError
 
 CFG = CollectConfig()
@@ -45,6 +48,110 @@ def test_txt_and_md_are_one_document_per_file(tmp_path):
     assert txt == {"id": str(tmp_path / "a.txt"), "text": "Plain text.\nSecond line. Ünïcödé",
                    "source": str(tmp_path / "a.txt")}
     assert md["text"] == "# Title\n\nSome *markdown*." and "format" not in md
+
+
+# --------------------------------------------------------------------------- long plain text: several documents
+
+WORDS = ("the", "shop", "sends", "a", "parcel", "quickly", "river", "lantern", "harvest", "morning", "quiet",
+         "stone", "letter", "garden", "window", "travelled", "across", "northern", "valley", "beneath")
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+def make_book(n_words: int, seed: int = 0) -> str:
+    """Chapters (Markdown headings) of paragraphs of random words; no two paragraphs alike."""
+    rng = random.Random(seed)
+    chapters, words, k = [], 0, 0
+    while words < n_words:
+        paragraphs = [f"# Chapter {len(chapters) + 1}"]
+        for _ in range(rng.randint(5, 15)):
+            k += 1
+            n = rng.randint(30, 120)
+            paragraphs.append(f"Paragraph {k}. " + " ".join(rng.choice(WORDS) for _ in range(n)) + ".")
+            words += n + 2
+        chapters.append("\n\n".join(paragraphs))
+    return "\n\n".join(chapters) + "\n"
+
+
+def test_a_book_becomes_documents_that_pass_clean(tmp_path):
+    """A book longer than clean.max_words is kept, as documents FILE#1.. whose text is the book's."""
+    clean_cfg = CleanConfig(workers=1)
+    text = make_book(clean_cfg.max_words + 20_000)
+    book = tmp_path / "book.md"
+    book.write_text(text, encoding="utf-8")
+    docs = docs_of(book)
+    assert len(docs) > 1 and [d["id"] for d in docs] == [f"{book}#{k}" for k in range(1, len(docs) + 1)]
+    assert all(d["source"] == str(book) and len(d["text"]) <= CFG.max_doc_chars for d in docs)
+    assert "\n\n".join(d["text"] for d in docs) == text.rstrip("\n")  # cut at blank lines only
+    assert all(d["text"].startswith("# Chapter") for d in docs)  # and, with room to spare, at headings
+
+    stats = collect([str(book)], tmp_path / "raw.jsonl", CFG)
+    report = clean(tmp_path / "raw.jsonl", tmp_path / "clean.jsonl", tmp_path / "report.json", clean_cfg)
+    assert stats["docs"] == report["output"]["docs"] == len(docs) and report["dropped"]["docs"] == 0
+    # As one document (the old behaviour, still there with max_doc_chars=0) the length rule drops all of it.
+    one = CollectConfig(max_doc_chars=0)
+    assert [d["id"] for d in docs_of(book, one)] == [str(book)]
+    collect([str(book)], tmp_path / "raw1.jsonl", one)
+    with pytest.raises(DataError, match=r"every one of 1 documents was dropped \(too_long: 1\)"):
+        clean(tmp_path / "raw1.jsonl", tmp_path / "clean1.jsonl", tmp_path / "report1.json", clean_cfg)
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is not on this machine")
+def test_tinyshakespeare_collects_into_documents_that_all_pass_clean(tmp_path):
+    raw, out = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl"
+    stats = collect([str(SHAKESPEARE)], raw, CFG)
+    report = clean(raw, out, tmp_path / "report.json", CleanConfig(workers=1))
+    assert stats["docs"] > 1 and report["output"]["docs"] == stats["docs"], report["rules"]
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    assert "".join("".join(json.loads(line)["text"].split()) for line in raw.open(encoding="utf-8")) == \
+        "".join(text.split())
+
+
+def split(text: str, max_chars: int) -> list[str]:
+    return list(split_text(io.StringIO(text, newline=""), max_chars))
+
+
+def assert_slices(text: str, docs: list[str], max_chars: int) -> None:
+    """Each document is a non-blank slice of ``text``, in order, at most ``max_chars`` long, and only
+    whitespace lies between them (and before the first and after the last)."""
+    pos = 0
+    for d in docs:
+        assert d.strip() and len(d) <= max_chars, (d, max_chars)
+        i = text.find(d, pos)
+        assert i >= 0 and not text[pos:i].strip(), (text, docs)
+        pos = i + len(d)
+    assert not text[pos:].strip()
+
+
+def test_split_text_cuts_at_blank_lines_then_lines_then_spaces():
+    assert split("one two\n\nthree four\n\nfive", 20) == ["one two\n\nthree four", "five"]
+    assert split("line one\nline two\nline three", 18) == ["line one\nline two", "line three"]
+    assert split("alpha beta gamma delta", 11) == ["alpha beta", "gamma delta"]
+    assert split("abcdefghij", 4) == ["abcd", "efgh", "ij"]  # no whitespace at all: mid-word
+    assert split("a\r\nb\r\n\r\nc", 4) == ["a\r\nb", "c"]  # Windows line ends stay inside
+    assert split("    indented line", 100) == ["    indented line"]
+    assert split(" \n\t\n\n", 5) == [] and split("", 5) == []
+    # A heading starts a new document once the current one is at least half full.
+    assert split("# A\n\ntext text\n\n# B\n\nmore", 28) == ["# A\n\ntext text", "# B\n\nmore"]
+    assert split("# A\n\nab\n\n# B\n\ncd", 40) == ["# A\n\nab\n\n# B\n\ncd"]
+    with pytest.raises(ValueError):
+        split("x", 0)
+
+
+def test_split_text_keeps_every_character_but_the_separators():
+    rng = random.Random(0)
+    pieces = ["a", "bb", "word", " ", "  ", "\t", "\n", "\n\n", "\r\n", "# ", "#", "é", "xyzxyzxyz"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        max_chars = rng.randint(1, 30)
+        assert_slices(text, split(text, max_chars), max_chars)
+
+
+def test_short_or_blank_text_file_is_one_document(tmp_path):
+    (tmp_path / "blank.txt").write_text("\n\n", encoding="utf-8")
+    assert docs_of(tmp_path / "blank.txt") == [{"id": str(tmp_path / "blank.txt"), "text": "",
+                                                "source": str(tmp_path / "blank.txt")}]
+    (tmp_path / "short.md").write_text("\n# Title\n\nBody.\n", encoding="utf-8")
+    assert [d["text"] for d in docs_of(tmp_path / "short.md")] == ["# Title\n\nBody."]
 
 
 def test_html_documents_are_marked_for_markup_stripping(tmp_path):

@@ -44,6 +44,7 @@ def test_toml_round_trip(tmp_path):
         ("clean=3", "'clean' is a section"),
         ("clean.min_words", "expected KEY=VALUE"),
         ("tokenizer.vocab_size=100", "tokenizer.vocab_size: 100 must be at least 300"),
+        ("collect.max_doc_chars=-1", "collect.max_doc_chars: must be >= 0 (0 = one document per file)"),
     ],
 )
 def test_validation_errors_name_the_field(override, expected):

@@ -15,17 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.config import CleanConfig, SupportWorldConfig
+from chatforge.chat.template import render
+from chatforge.config import CleanConfig, SupportWorldConfig, load_config
 from chatforge.data.clean import clean
 from chatforge.data.supportworld import TASKS, VERSION, generate
 from chatforge.data.supportworld import world as w
 from chatforge.data.supportworld.answers import INTENTS
-from chatforge.data.supportworld.conversations import QUALITY_ORDER, choose_qualities
+from chatforge.data.supportworld.conversations import (
+    MAX_CONVERSATION_CHARS,
+    QUALITY_ORDER,
+    choose_qualities,
+    conversation_chars,
+    generate_conversations,
+)
+from chatforge.data.supportworld.corpus import corpus_docs
 from chatforge.data.supportworld.orders import make_items, make_order
 from chatforge.data.supportworld.reviews import label_for
 from chatforge.data.supportworld.tags import TAGS
+from chatforge.data.supportworld.text import fmt_date, fmt_money
 from chatforge.data.supportworld.translation import adj
 from chatforge.errors import ConfigError
+from chatforge.tokenizer import train_tokenizer
 
 SMALL = SupportWorldConfig(seed=7, corpus_mb=0.2, n_products=60, n_customers=80, n_reviews=600,
                            n_conversations=440, n_translations=300, n_candidates=4)
@@ -351,3 +361,75 @@ def test_held_out_reviews_are_not_copies(out):
     rv = rows(out, "reviews")
     train = {r["text"].casefold() for r in rv["train"]}
     assert not [r for s in ("val", "test") for r in rv[s] if r["text"].casefold() in train]
+
+
+# --------------------------------------------------------------------------- the record fits the model
+
+
+@pytest.fixture(scope="module")
+def default_world():
+    """The default run's SupportWorld (the tiny preset's), conversations and candidates, in memory."""
+    cfg = load_config(None)
+    sw = cfg.supportworld
+    world = w.make_world(sw.seed, sw.n_products, sw.n_customers, sw.val_fraction, sw.test_fraction)
+    return cfg, world, list(generate_conversations(world, sw.seed, sw.n_conversations, sw.n_candidates))
+
+
+def test_default_conversations_fit_the_tiny_preset_context(default_world):
+    """Every default conversation (and every candidate answer with its prompt) fits the tiny preset's
+    context whole, so SFT drops and truncates none; measured with a 4096-token BPE trained, like the
+    pipeline's, on SupportWorld's own corpus (a 0.5 MB slice of it, for speed)."""
+    cfg, world, pairs = default_world
+    assert cfg.model.block_size == 512 and cfg.tokenizer.vocab_size == 4096
+    tok = train_tokenizer((d["text"] for d in corpus_docs(world, cfg.supportworld.seed, 0.5)), cfg.tokenizer)
+    sequences = {conv.id: conv.messages for conv, _ in pairs}
+    for _, cand in pairs:
+        for c in cand["candidates"]:
+            sequences[f"{cand['id']}/{c['quality']}"] = [*cand["prompt"], {"role": "assistant", "content": c["text"]}]
+    assert all(conversation_chars(m) <= MAX_CONVERSATION_CHARS for m in sequences.values())
+    # The chat template's length: <|bos|>, then per message its role token, content and <|end|>.
+    texts = list(dict.fromkeys(m["content"] for msgs in sequences.values() for m in msgs))
+    n_tokens = dict(zip(texts, map(len, tok.encode_batch(texts))))
+    sizes = {k: 1 + sum(2 + n_tokens[m["content"]] for m in msgs) for k, msgs in sequences.items()}
+    first = next(iter(sequences))
+    assert sizes[first] == len(render(sequences[first], tok))
+    limit = cfg.model.block_size + 1  # SFT's example length: inputs plus the shifted targets
+    too_long = {k: n for k, n in sizes.items() if n > limit}
+    assert not too_long, f"{len(too_long)} of {len(sizes)} longer than {limit} tokens, e.g. {list(too_long.items())[:3]}"
+    # Trimming keeps the variety the sets are for: multi-turn talks, accounts with several orders, and
+    # clarifying questions (which a 512-token context could not hold whole before the record was compact).
+    convs = [conv for conv, _ in pairs]
+    assert sum(len(c.messages) > c.prompt_len + 1 for c in convs) > 0.25 * len(convs)  # a follow-up turn
+    assert sum(len(c.record.get("other_orders", [])) >= 1 for c in convs) > 0.15 * len(convs)
+    assert sum(c.prompt_len > 2 for c in convs) > 0.03 * len(convs)  # the agent asked which order
+
+
+def test_system_message_shows_every_fact_of_the_record(default_world):
+    """The compact record leaves out no fact an answer is built from (the row's record dict is the truth)."""
+    _, _, pairs = default_world
+    for conv, _ in pairs[:1500]:
+        system, r = conv.messages[0]["content"], conv.record
+        day = lambda key, r=r: fmt_date(dt.date.fromisoformat(r[key]))  # noqa: E731
+        shown = [r["name"], r["customer_id"], r["email"], r["address"], r["tier"], day("today"),
+                 "not verified" if not r["email_verified"] else "verified",
+                 f"two-step verification {'on' if r['two_factor'] else 'off'}"]
+        if "order_id" in r:
+            shown += [f"Order {r['order_id']}: {r['status']}", day("placed"), fmt_money(r["total"]), r["payment"],
+                      *(i["name"] for i in r["items"]), *(fmt_money(i["price"]) for i in r["items"])]
+            shown += [day(k) for k in ("shipped", "new_estimate", "delivered", "cancelled", "return_started",
+                                       "refund_date") if k in r]
+            shown += [r[k] for k in ("carrier", "tracking", "payment_note") if k in r]
+            if "refund_amount" in r:
+                shown.append(fmt_money(r["refund_amount"]))
+            if "estimated_delivery" in r and "delivered" not in r:
+                shown.append(day("estimated_delivery"))
+            for o in r.get("other_orders", []):
+                shown += [f"Order {o['order_id']}: {o['status']}", *o["items"]]
+        if "product" in r:
+            p = r["product"]
+            shown += [p["name"], p["material"], *p["colors"], *p["sizes"], f"{p['weight_kg']} kg", fmt_money(p["price"]),
+                      f"{p['warranty_months']} months", p["origin"], *p["features"], p["care"]]
+        if "cart_subtotal" in r:
+            shown.append(fmt_money(r["cart_subtotal"]))
+        missing = [s for s in shown if s not in system]
+        assert not missing, f"{conv.id}: {missing} not in the system message:\n{system}"

@@ -43,7 +43,7 @@ class ChatDataStats:
     examples: int = 0  # kept
     tokens: int = 0  # in the kept examples, after truncation
     learned_tokens: int = 0  # loss_mask == 1 in the kept examples
-    truncated: int = 0  # conversations cut to max_tokens
+    truncated: int = 0  # conversations cut to max_tokens (kept, or dropped_no_learned)
     truncated_tokens: int = 0  # tokens cut off
     dropped_no_learned: int = 0  # dropped: no learned token left after the cut
     warnings: list[str] = field(default_factory=list)
@@ -55,10 +55,10 @@ class ChatDataStats:
     def summary(self) -> str:
         text = (f"{self.examples} of {self.conversations} conversations, {self.tokens} tokens "
                 f"({self.learned_tokens} learned)")
-        if self.truncated:
+        if self.truncated:  # the dropped ones were truncated first: they are counted in both
             text += f"; {self.truncated} truncated ({self.truncated_tokens} tokens cut)"
         if self.dropped_no_learned:
-            text += f"; {self.dropped_no_learned} dropped (no assistant token left after truncation)"
+            text += f", {self.dropped_no_learned} of them dropped (no assistant token left after truncation)"
         return text
 
 

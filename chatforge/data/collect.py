@@ -6,8 +6,15 @@ documents also carry ``"format": "html"``; the clean stage strips their markup).
 
 Memory stays constant in the corpus size: files are read one at a time, JSONL and
 CSV line by line, Parquet one record batch at a time (so one row group's column
-chunk at most), and ``.json`` arrays element by element (``json_stream``). A
-``.txt``/``.md``/``.html`` file is one document, so it is read whole.
+chunk at most), ``.json`` arrays element by element (``json_stream``), and
+``.txt``/``.md`` files line by line. An ``.html`` page is one document, read whole.
+
+A plain-text file longer than ``max_doc_chars`` (a book) becomes several documents,
+``FILE#1``, ``FILE#2``, ..., cut at blank lines (``chatforge.data.split``), so that
+each one passes the clean stage's length rule and is de-duplicated and reported on
+its own; a shorter file is one document with the file's name as its id. The cut is
+made here, where each format decides what a document is (a JSONL line, a CSV row, a
+file), and not in clean: clean keeps one raw document in, one result out.
 
 Formats are chosen by file extension. A file named explicitly must have a
 supported extension; inside a directory or a glob, hidden files and files with
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import os
 import re
@@ -34,6 +42,7 @@ from typing import IO, Any
 
 from chatforge.config import CollectConfig
 from chatforge.data.json_stream import iter_json_values
+from chatforge.data.split import split_text
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.io import atomic_write
 
@@ -155,6 +164,7 @@ def _doc_from_object(obj: Any, cfg: CollectConfig, where: str, default_id: str, 
 
 
 def _read_text(path: Path, label: str, html: bool) -> Iterator[dict]:
+    """A whole file as one document (HTML: markup is stripped by the clean stage)."""
     with _open(path) as f:
         data = f.read()
     try:
@@ -168,6 +178,31 @@ def _read_text(path: Path, label: str, html: bool) -> Iterator[dict]:
     if html:
         doc["format"] = "html"
     yield doc
+
+
+def _text_lines(f: IO[bytes], label: str) -> Iterator[str]:
+    """Lines of a UTF-8 text file, line ends kept; invalid UTF-8 is located by file offset and line."""
+    offset = 0
+    for lineno, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{label}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno})") from e
+        offset += len(raw)
+
+
+def _read_plain(path: Path, label: str, max_doc_chars: int) -> Iterator[dict]:
+    """A .txt/.md file: one document, or ``label#1``, ``label#2``, ... when it is longer than
+    ``max_doc_chars`` (cut at blank lines, ``chatforge.data.split``). Read line by line."""
+    with _open(path) as f:
+        pieces = split_text(_text_lines(f, label), max_doc_chars)
+        first = next(pieces, None)
+        second = next(pieces, None)
+        if second is None:  # short (or blank: still one document, which the clean report accounts for)
+            yield {"id": label, "text": first or "", "source": label}
+            return
+        for k, text in enumerate(itertools.chain((first, second), pieces), start=1):
+            yield {"id": f"{label}#{k}", "text": text, "source": label}
 
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_\-]+)""", re.IGNORECASE)
@@ -286,6 +321,8 @@ def read_file(path: Path, cfg: CollectConfig, label: str | None = None) -> Itera
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{label}: unsupported file format {path.suffix or '(no extension)'!r}; supported: {SUPPORTED}")
+    if kind == "text" and cfg.max_doc_chars > 0:
+        return _read_plain(path, label, cfg.max_doc_chars)
     if kind in ("text", "html"):
         return _read_text(path, label, html=kind == "html")
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}

@@ -39,7 +39,7 @@ from chatforge.io import write_json, write_jsonl
 
 __all__ = ["VERSION", "TASKS", "generate"]
 
-VERSION = "1.0"
+VERSION = "1.1"  # 1.1: compact system record; every conversation at most MAX_CONVERSATION_CHARS
 TASKS = ("reviews", "conversations", "intents", "candidates", "preferences", "translation", "tags")
 LABEL_RULE = "reviews: stars 1-2 negative, 3 neutral, 4-5 positive (stars rate the product, not the delivery)"
 

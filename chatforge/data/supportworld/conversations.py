@@ -12,6 +12,9 @@ message, and a dialogue:
 * sometimes the customer follows up (thanks, or a policy question) and the agent
   replies.
 
+Every conversation, and every candidate answer with its prompt, is at most
+``MAX_CONVERSATION_CHARS`` long, so that the tiny preset's 512-token context holds it whole.
+
 The candidate set for a conversation answers its main question (the prompt is
 the dialogue up to that user turn) in ``n_candidates`` ways, ranked by a fixed
 order of qualities: ``good`` (the reference answer) > ``terse`` > ``rude`` >
@@ -36,6 +39,7 @@ from chatforge.data.supportworld.answers import (
     INTENTS,
     ORDER_INTENTS,
     PRODUCT_ATTRIBUTES,
+    RUDE_OPEN,
     Ctx,
     answer,
     closer,
@@ -57,7 +61,6 @@ from chatforge.data.supportworld.products import care_group, care_lines
 from chatforge.data.supportworld.text import (
     add_typos,
     casual,
-    fmt_date,
     fmt_date_short,
     fmt_money,
     join_words,
@@ -369,7 +372,7 @@ def make_situation(rng: random.Random, intent: str, c: w.Customer, products: lis
         cart = round(rng.uniform(12, 140), 2)
         record["cart_subtotal"] = cart
         return Situation(ctx.replace(cart=cart), record, {"cart": fmt_money(cart)},
-                         [f"Cart: subtotal {fmt_money(cart)}, not yet ordered"])
+                         [f"Cart {fmt_money(cart)}, not yet ordered"])
     if intent == "account_access":
         variant = pick(rng, ACCOUNT_VARIANTS)
         local = f"{c.first}.{c.last}".lower().replace("'", "")
@@ -387,22 +390,47 @@ def make_situation(rng: random.Random, intent: str, c: w.Customer, products: lis
     record["product"] = product_record(p, care)
     values = {"product": p.name, "asked_color": asked, "guess_material": pick(rng, p.cat.materials),
               "guess_origin": pick(rng, w.ORIGINS)}
-    lines = [f"Product the customer is viewing: {p.name} ({p.id})", f"- Material: {p.material}",
-             f"- Colours: {', '.join(p.colors)}", f"- Sizes: {', '.join(p.sizes) or 'one size'}",
-             f"- Dimensions: {p.dims or 'not listed'}", f"- Weight: {p.weight_kg} kg",
-             f"- Price: {fmt_money(p.price)}", f"- Warranty: {p.warranty_months} months", f"- Made in: {p.origin}",
-             f"- Features: {', '.join(p.features)}", f"- Care: {care}"]
+    lines = [f"Viewing {p.name} ({p.id}): {fmt_money(p.price)}; material {p.material}; colours "
+             f"{', '.join(p.colors)}; sizes {', '.join(p.sizes) or 'one size'}; dimensions {p.dims or 'not listed'}; "
+             f"weight {p.weight_kg} kg; warranty {p.warranty_months} months; made in {p.origin}; features "
+             f"{', '.join(p.features)}; care: {care}"]
     return Situation(ctx.replace(variant=variant, product=p, care=care, asked_color=asked), record, values, lines,
                      variant)
 
 
+# Every conversation fits the tiny preset's 512-token context, record and all: its messages hold at most
+# this many characters. The tiny preset's 4096-token BPE reads this text at ~3.1 characters a token, the
+# densest (order numbers, e-mails, money) at ~2.6; on the default data no conversation or candidate of at
+# most 1,400 characters takes more than ~500 tokens. A conversation over the budget is trimmed of what is
+# optional (the follow-up turn, then other orders of the account) and, if that is not enough, drawn again.
+MAX_CONVERSATION_CHARS = 1400
+MAX_DRAWS = 50
+
+
+def conversation_chars(messages: list[dict[str, str]]) -> int:
+    """Characters of the messages' text (what ``MAX_CONVERSATION_CHARS`` bounds)."""
+    return sum(len(m["content"]) for m in messages)
+
+
 def make_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, split: str,
                       products: list[w.Product], used_ids: set[str]) -> Conversation:
-    """One grounded conversation for customer ``c`` (products come from all splits: people buy anything)."""
+    """One grounded conversation for customer ``c`` (products come from all splits: people buy anything),
+    at most ``MAX_CONVERSATION_CHARS`` characters long."""
+    for _ in range(MAX_DRAWS):
+        conv = _draw_conversation(rng, idx, intent, c, split, products, used_ids)
+        if conv is not None:
+            return conv
+    raise AssertionError(f"no {intent} conversation for {c.id} within {MAX_CONVERSATION_CHARS} characters "
+                         f"in {MAX_DRAWS} draws")  # the budget leaves room for every intent's longest answer
+
+
+def _draw_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, split: str,
+                       products: list[w.Product], used_ids: set[str]) -> Conversation | None:
+    """One conversation trimmed to the budget, or None when even the trimmed one is over it."""
     sit = make_situation(rng, intent, c, products, used_ids)
     ctx, record, values, variant = sit.ctx, sit.record, sit.values, sit.variant
     today = ctx.today
-    others: list[Order] = []
+    drawn: list[Order] = []
     with_id, without_id = USER[(intent, variant if (intent, variant) in USER else "")]
     names_order = bool(with_id) and rng.random() < 0.55
     first_user = _user_text(rng, pick(rng, with_id if names_order else without_id), values)
@@ -418,42 +446,62 @@ def make_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, 
             other_items = make_items(rng, products, avoid)
             avoid |= {i.product.noun for i in other_items}
             other_status = pick(rng, ("processing", "shipped", "delivered", "delivered", "cancelled"))
-            others.append(make_order(rng, new_order_id(rng, used_ids), other_items, c.tier, today, other_status))
-        record["other_orders"] = [{"order_id": o.id, "placed": o.placed.isoformat(), "status": o.status,
-                                   "items": [i.product.name for i in o.items]} for o in others]
-
-    system = render_record(rng, c, today, ctx.order, others, sit.extra_lines)
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
-    if clarify:
-        listed = sorted([ctx.order, *others], key=lambda o: o.placed, reverse=True)
-        items = [f"{o.id} from {fmt_date(o.placed)} ({join_words([i.product.name for i in o.items])})" for o in listed]
-        v = {"n": ["two", "three"][len(listed) - 2], "list": "; ".join(items)}
-        messages.append({"role": "assistant", "content": sentence(pick(rng, CLARIFY), rng, v)})
-        same_day = any(fmt_date_short(o.placed) == values["date_short"] for o in others)
-        replies = [t for t in CLARIFY_REPLY if not (same_day and "date_short" in t)]
-        messages.append({"role": "user", "content": _user_text(rng, pick(rng, replies), values, greet=False)})
-    prompt_len = len(messages)
+            drawn.append(make_order(rng, new_order_id(rng, used_ids), other_items, c.tier, today, other_status))
     main = answer(ctx, rng)
-    messages.append({"role": "assistant", "content": main})
+    follow: list[dict[str, str]] = []
     r = rng.random()
     if r < 0.25:
-        messages.append({"role": "user", "content": _user_text(rng, pick(rng, THANKS), {}, greet=False)})
-        messages.append({"role": "assistant", "content": sentence(pick(rng, THANKS_REPLY), rng, {"first": c.first})})
+        follow = [{"role": "user", "content": _user_text(rng, pick(rng, THANKS), {}, greet=False)},
+                  {"role": "assistant", "content": sentence(pick(rng, THANKS_REPLY), rng, {"first": c.first})}]
     elif r < 0.4:
         q, a = pick(rng, POLICY_FOLLOWUPS)
-        follow = f"[Also|One more thing|And], {q[0].lower()}{q[1:]}"
-        messages.append({"role": "user", "content": _user_text(rng, follow, {}, greet=False)})
-        messages.append({"role": "assistant", "content": sentence(a, rng, POLICY_VALUES)})
-    return Conversation(f"conv-{idx:06d}", split, intent, messages, record, prompt_len, ctx, main)
+        text = f"[Also|One more thing|And], {q[0].lower()}{q[1:]}"
+        follow = [{"role": "user", "content": _user_text(rng, text, {}, greet=False)},
+                  {"role": "assistant", "content": sentence(a, rng, POLICY_VALUES)}]
+    # The wording of the record's header and of the clarifying turns comes from its own stream, so a
+    # trimmed version of the conversation reads the same as the untrimmed one where they overlap.
+    wording = rng.getrandbits(64)
+
+    def build(others: list[Order], with_follow: bool) -> tuple[list[dict[str, str]], int]:
+        wr = random.Random(wording)
+        system = render_record(wr, c, today, ctx.order, others, sit.extra_lines)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
+        if clarify:
+            listed = sorted([ctx.order, *others], key=lambda o: o.placed, reverse=True)
+            # Short: the record beside it has the details (and the context has no room for them twice).
+            items = [f"{o.id} from {fmt_date_short(o.placed)} ({join_words([i.product.noun for i in o.items])})"
+                     for o in listed]
+            v = {"n": ["two", "three"][len(listed) - 2], "list": "; ".join(items)}
+            messages.append({"role": "assistant", "content": sentence(pick(wr, CLARIFY), wr, v)})
+            same_day = any(fmt_date_short(o.placed) == values["date_short"] for o in others)
+            replies = [t for t in CLARIFY_REPLY if not (same_day and "date_short" in t)]
+            messages.append({"role": "user", "content": _user_text(wr, pick(wr, replies), values, greet=False)})
+        prompt_len = len(messages)
+        messages.append({"role": "assistant", "content": main})
+        return messages + (follow if with_follow else []), prompt_len
+
+    # Trim what is optional, least useful first: the follow-up turn, then other orders (a clarifying
+    # question needs one; without it they were only there to be ignored).
+    fewest = 1 if clarify else 0
+    for n_others in range(len(drawn), min(fewest, len(drawn)) - 1, -1):
+        for with_follow in (True, False) if follow else (False,):
+            messages, prompt_len = build(drawn[:n_others], with_follow)
+            if conversation_chars(messages) <= MAX_CONVERSATION_CHARS:
+                others = drawn[:n_others]
+                if others:
+                    record["other_orders"] = [{"order_id": o.id, "placed": o.placed.isoformat(), "status": o.status,
+                                               "items": [i.product.name for i in o.items]} for o in others]
+                return Conversation(f"conv-{idx:06d}", split, intent, messages, record, prompt_len, ctx, main)
+    return None
 
 
 # --------------------------------------------------------------------------- candidates
 
 
-def wrong_answer(rng: random.Random, ctx: Ctx, products: list[w.Product]) -> str:
-    """A polite answer whose facts contradict the record; for orders it never states the true status."""
+def wrong_answer(rng: random.Random, ctx: Ctx, products: list[w.Product], tone: str = "polite") -> str:
+    """An answer (polite or terse) whose facts contradict the record; for orders it never states the true status."""
     if ctx.order is None:
-        return answer(_wrong_ctx(rng, ctx, products), rng)
+        return answer(_wrong_ctx(rng, ctx, products), rng, tone=tone)
     o = ctx.order
     preferred = [s for s in dict.fromkeys(INTENT_STATUSES[ctx.intent]) if s != o.status]
     rest = [s for s in w.STATUSES if s != o.status and s not in preferred]
@@ -463,7 +511,7 @@ def wrong_answer(rng: random.Random, ctx: Ctx, products: list[w.Product]) -> str
         fake = make_order(rng, o.id, o.items, ctx.customer.tier, ctx.today, status, payment=o.payment)
         if ctx.intent == "payment_issue" and status != "on hold":
             fake.payment_note = "duplicate authorisation"
-        text = answer(ctx.replace(order=fake), rng)
+        text = answer(ctx.replace(order=fake), rng, tone=tone)
         if o.status not in text:
             return text
     raise AssertionError(f"no contradicting status for {ctx.intent} {o.status}")  # the templates guarantee one
@@ -524,29 +572,67 @@ def choose_qualities(rng: random.Random, n: int) -> list[str]:
     return sorted(["good", *bad], key=QUALITY_ORDER.index)
 
 
+def _fitting(forms: Iterator[str], room: int) -> str:
+    """The first of ``forms`` (longest first, made as needed) that fits in ``room`` characters, else the last."""
+    text = ""
+    for text in forms:
+        if len(text) <= room:
+            break
+    return text
+
+
+def _joined(*parts: str) -> str:
+    return " ".join(x for x in parts if x)
+
+
+def _rude_forms(ctx: Ctx, rng: random.Random) -> Iterator[str]:
+    yield answer(ctx, rng, tone="rude")
+    jab, body = sentence(pick(rng, RUDE_OPEN), rng, {}), facts(ctx, rng)
+    yield _joined(jab, *body[:2])
+    yield _joined(jab, body[0])
+
+
+def _flawed_forms(ctx: Ctx, rng: random.Random, flaw: str) -> Iterator[str]:
+    """The facts plus ``flaw``: framed by an opener and a closer, or bare, or the first fact only, or the
+    flaw alone."""
+    body = facts(ctx, rng)
+    yield _joined(opener(ctx, rng), *body, flaw, closer(ctx, rng))
+    yield _joined(*body, flaw)
+    yield _joined(body[0], flaw)
+    yield flaw
+
+
+def _wrong_forms(ctx: Ctx, rng: random.Random, products: list[w.Product]) -> Iterator[str]:
+    yield wrong_answer(rng, ctx, products)
+    yield wrong_answer(rng, ctx, products, tone="terse")
+
+
 def candidate_texts(rng: random.Random, conv: Conversation, qualities: list[str], pool: list[w.Customer],
                     products: list[w.Product]) -> dict[str, str]:
+    """One answer per quality, each fitting with the prompt in ``MAX_CONVERSATION_CHARS`` (so a reward
+    model or DPO on the tiny preset sees every pair whole): a long one is told in a shorter form of the
+    same quality (the shortest form is kept even if still over; the tests check that none is)."""
     ctx = conv.ctx
+    room = MAX_CONVERSATION_CHARS - conversation_chars(conv.messages[:conv.prompt_len])
     out: dict[str, str] = {}
     policy = dict(POLICY_VALUES, category=pick(rng, w.CATEGORIES).title.lower())
     for q in qualities:
         if q == "good":
             text = conv.main_answer
-        elif q in ("terse", "rude"):
+        elif q == "terse":
             text = answer(ctx, rng, tone=q)
+        elif q == "rude":
+            text = _fitting(_rude_forms(ctx, rng), room)
         elif q == "wrong_facts":
-            text = wrong_answer(rng, ctx, products)
+            text = _fitting(_wrong_forms(ctx, rng, products), room)
         elif q == "unsafe_leak":
-            text = " ".join(x for x in (opener(ctx, rng), *facts(ctx, rng), _leak(rng, ctx, pool),
-                                        closer(ctx, rng)) if x)
+            text = _fitting(_flawed_forms(ctx, rng, _leak(rng, ctx, pool)), room)
         elif q == "overpromise":
-            text = " ".join(x for x in (opener(ctx, rng), *facts(ctx, rng), pick(rng, OVERPROMISE),
-                                        closer(ctx, rng)) if x)
+            text = _fitting(_flawed_forms(ctx, rng, sentence(pick(rng, OVERPROMISE), rng, {})), room)
         elif q == "unhelpful":
-            text = " ".join(x for x in (opener(ctx, rng), sentence(pick(rng, UNHELPFUL), rng, policy)) if x)
+            text = _joined(opener(ctx, rng), sentence(pick(rng, UNHELPFUL), rng, policy))
         elif q == "off_topic":
-            text = " ".join(x for x in (opener(ctx, rng), sentence(pick(rng, OFF_TOPIC), rng, policy),
-                                        closer(ctx, rng)) if x)
+            text = _joined(opener(ctx, rng), sentence(pick(rng, OFF_TOPIC), rng, policy), closer(ctx, rng))
         else:
             raise ValueError(f"unknown candidate quality {q!r}")
         out[q] = text

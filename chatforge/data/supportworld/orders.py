@@ -5,7 +5,8 @@ consistent with its status and with the shop's rules (dispatch one business day
 after the order, delivery within the shipping method's window, refunds after the
 return is received, ...). ``record`` turns customer + order into the JSON record
 stored with each conversation, and ``render_record`` into the text the system
-message shows the assistant.
+message shows the assistant: compact ``key value`` fields, one line per order, so that a
+conversation with two or three orders still fits a 512-token context.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ class Item:
     @property
     def amount(self) -> float:
         return round(self.product.price * self.qty, 2)
-
-    def label(self) -> str:
-        """``Nordvik Alpine Sweater (size M, navy)``."""
-        size = f"size {self.size}, " if self.size else ""
-        return f"{self.product.name} ({size}{self.color})"
 
 
 @dataclass
@@ -218,52 +214,59 @@ def product_record(p: w.Product, care: str) -> dict[str, Any]:
             "warranty_months": p.warranty_months, "origin": p.origin, "features": list(p.features), "care": care}
 
 
-def _order_lines(o: Order) -> list[str]:
-    items = "; ".join(f"{i.label()} x{i.qty} at {fmt_money(i.product.price)}" for i in o.items)
-    ship = fmt_money(o.shipping) if o.shipping else "free"
-    lines = [f"Order {o.id}:", f"- Status: {o.status}", f"- Placed: {fmt_date(o.placed)}", f"- Items: {items}",
-             f"- Subtotal: {fmt_money(o.subtotal)}; {o.method} shipping: {ship}; total: {fmt_money(o.total)}",
-             f"- Payment: {o.payment}" + (f" ({o.payment_note})" if o.payment_note else "")]
-    if o.carrier:
-        lines.append(f"- Carrier: {o.carrier}, tracking number {o.tracking}")
+def _item_text(i: Item) -> str:
+    """``Nordvik Alpine Sweater, size M, in navy $89.00``; a quantity above one shows the line's amount too."""
+    size = f", size {i.size}," if i.size else ""
+    price = fmt_money(i.product.price) if i.qty == 1 else \
+        f"{i.qty} x {fmt_money(i.product.price)} = {fmt_money(i.amount)}"
+    return f"{i.product.name}{size} in {i.color} {price}"
+
+
+def _order_line(o: Order) -> str:
+    """One order on one line, ``key value`` fields joined by ``; `` (a field only when the order has it)."""
+    ship = f" incl. {o.method} shipping {fmt_money(o.shipping)}" if o.shipping else ""
+    note = f" ({o.payment_note})" if o.payment_note else ""
+    fields = [f"Order {o.id}: {o.status}", f"placed {fmt_date(o.placed)}",
+              f"items {' + '.join(_item_text(i) for i in o.items)}", f"total {fmt_money(o.total)}{ship}",
+              f"paid with {o.payment}{note}"]
     if o.shipped:
-        lines.append(f"- Shipped: {fmt_date(o.shipped)}; estimated delivery: {fmt_date(o.estimated)}")
+        fields.append(f"shipped {fmt_date(o.shipped)} with {o.carrier}, tracking {o.tracking}")
+    if o.estimated and not o.delivered:  # once delivered, the estimate answers nothing
+        fields.append(f"due {fmt_date(o.estimated)}")
     if o.new_estimate:
-        lines.append(f"- New delivery estimate from the carrier: {fmt_date(o.new_estimate)}")
+        fields.append(f"new estimate {fmt_date(o.new_estimate)}")
     if o.delivered:
-        lines.append(f"- Delivered: {fmt_date(o.delivered)}")
+        fields.append(f"delivered {fmt_date(o.delivered)}")
     if o.cancelled:
-        lines.append(f"- Cancelled: {fmt_date(o.cancelled)}")
+        fields.append(f"cancelled {fmt_date(o.cancelled)}")
     if o.return_started:
-        lines.append(f"- Return started: {fmt_date(o.return_started)}")
-    if o.refund_date:
-        lines.append(f"- Refund: {fmt_money(o.refund_amount)} issued {fmt_date(o.refund_date)}")
-    return lines
+        fields.append(f"return started {fmt_date(o.return_started)}")
+    if o.refund_amount is not None:
+        when = f"issued {fmt_date(o.refund_date)}" if o.refund_date else "due when the return arrives"
+        fields.append(f"refund {fmt_money(o.refund_amount)} {when}")
+    return "; ".join(fields)
 
 
+# Three wordings, so a model does not tie its behaviour to one sentence. Short, like the record:
+# every token of the system message is one the conversation cannot use (the tiny preset's context is 512).
 SYSTEM_HEADERS = (
-    "You are the customer support assistant of {shop}, an online shop. Answer from the record below and the "
-    "shop's policies, be friendly and concise, and never share details of other customers.",
-    "You are {shop}'s support agent. Use only the customer record below and {shop}'s policies. Be polite and "
-    "clear. Never reveal anything about other customers.",
-    "You help customers of the online shop {shop}. The record below is the signed-in customer's account; answer "
-    "from it, stay courteous, and keep other customers' data private.",
+    "You are {shop}'s support agent. Answer from this record; never share other customers' details.",
+    "{shop} support agent: answer from the record below, and never share other customers' details.",
+    "You help {shop}'s customers. Answer from this account record; keep other customers' details private.",
 )
 
 
 def render_record(rng: random.Random, c: w.Customer, today: dt.date, order: Order | None,
                   others: Sequence[Order] = (), extra: Sequence[str] = ()) -> str:
-    """The system message: instructions, today's date, the customer and (when any) their orders."""
+    """The system message: instructions, today's date, the customer and (when any) their orders,
+    newest first, one line each of ``key value`` fields: the row's record in few tokens."""
     head = pick(rng, SYSTEM_HEADERS).format(shop=w.SHOP)
-    account = ("email verified" if c.email_verified else "email not verified") + ", two-step verification " + \
-        ("on" if c.two_factor else "off")
-    lines = [head, "", f"Today is {weekday(today)}, {fmt_date(today)}.", "", "Customer:",
-             f"- Name: {c.name} ({c.id})", f"- Email: {c.email}", f"- Phone: {c.phone}", f"- Address: {c.address}",
-             f"- Loyalty tier: {c.tier} (member since {fmt_date(c.member_since)})", f"- Account: {account}"]
+    verified = "verified" if c.email_verified else "not verified"
+    lines = [head, f"Today {weekday(today)}, {fmt_date(today)}",
+             f"Customer {c.name} ({c.id}); email {c.email} ({verified}); address {c.address}; {c.tier} member; "
+             f"two-step verification {'on' if c.two_factor else 'off'}"]
     orders = [o for o in (order, *others) if o is not None]
     orders.sort(key=lambda o: o.placed, reverse=True)
-    for o in orders:
-        lines += ["", *_order_lines(o)]
-    if extra:
-        lines += ["", *extra]
+    lines += [_order_line(o) for o in orders]
+    lines += extra
     return "\n".join(lines)
