@@ -74,6 +74,7 @@ class ServeSettings:
     rate_limit_per_minute: int = 120  # per key or client IP; 0 = off
     access_log: Path | None = None
     device: str = "auto"
+    dtype: str = "auto"  # the engines' forward precision (see Engine)
     admin_password: str | None = None
 
 
@@ -149,7 +150,8 @@ def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
             raise ChatforgeError(f"two models are named {mid!r} ({out[mid].path} and {path}); "
                                  "name them on the command line as NAME=PATH")
         model, tok, _ = load_model(path, device)
-        engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue)
+        engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                        dtype=settings.dtype)
         out[mid] = ServedModel(mid, model_version(path), path, engine, model.config.block_size,
                                created=int((path / WEIGHTS).stat().st_mtime))
     return out
