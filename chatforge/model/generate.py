@@ -472,8 +472,8 @@ class TokenStream(Iterator[int]):
             raise StopIteration
         self._ask.put(True)
         kind, value = self._answer.get()
-        if kind == "error":
-            self._end("length")
+        if kind == "error":  # the decode failed: no finish reason, the error goes to the caller
+            self.close()
             raise value
         if kind == "end":
             self._end("length")
