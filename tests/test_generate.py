@@ -433,3 +433,23 @@ def test_bad_generation_requests_are_clear_errors():
     with pytest.raises(ChatforgeError, match="differs from the model's device"):
         generate(model, [[1]], max_new_tokens=2, device="meta")
     assert generate(model, PROMPTS, max_new_tokens=0) == [[], [], []]
+
+
+def test_a_failing_stream_raises_in_the_caller_without_a_finish_reason(monkeypatch):
+    model = randomized().train()
+    calls = {"n": 0}
+    original = model.forward_hidden
+
+    def flaky(idx, **kw):  # prefill, one decode step, then a failure
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return original(idx, **kw)
+
+    monkeypatch.setattr(model, "forward_hidden", flaky)
+    it = stream(model, PROMPTS[0], 10, temperature=0.0)
+    next(it), next(it)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        next(it)
+    assert it.finish_reason is None and it.result is None and list(it) == []
+    assert model.training  # the helper restored the caller's mode on its way out
