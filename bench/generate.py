@@ -1,9 +1,9 @@
 """Decode speed: chatforge ``generate`` (KV cache, greedy) against Hugging Face ``generate()``
-on the SAME weights.
+on the SAME weights, in fp32 and bf16, plus the serving engine with sampled requests.
 
     python bench/generate.py            # 4 layers x 256 wide, vocab 4096; batch 1 and 8; 32-token prompts, 128 new
     python bench/generate.py --quick    # smoke test
-    python bench/generate.py --depth 6 --threads 2 --hf-cache static
+    python bench/generate.py --depth 6 --threads 2 --hf-cache static --dtypes fp32
 
 The peer is an exact equivalent, not a look-alike: ``chatforge.interop.to_hf``
 converts the model into ``NanoChatForCausalLM`` (``ArceeForCausalLM`` with
@@ -12,12 +12,21 @@ logits and that both produce the same greedy tokens before timing. The weights a
 chatforge's init with the zero-initialised matrices (LM head, output projections)
 filled with small random values, so greedy decoding is not a constant token.
 
-Both decode every prompt to exactly ``--new-tokens`` tokens (no stop token), fp32,
-batch rows of equal length (no padding). tokens/s = batch x new tokens / wall time
-of the whole call, which includes the prompt's prefill (small next to 128 decode
-steps). HF uses its default DynamicCache unless ``--hf-cache static``. Rounds are
-interleaved and the best counts. Ends with ``ratio generate_bN: X`` per batch size:
-chatforge tokens/s divided by HF tokens/s (higher = chatforge faster).
+Both decode every prompt to exactly ``--new-tokens`` tokens (no stop token), batch
+rows of equal length (no padding). tokens/s = batch x new tokens / wall time of the
+whole call, which includes the prompt's prefill (small next to 128 decode steps).
+HF uses its default DynamicCache unless ``--hf-cache static``. ``--dtypes``: fp32,
+and bf16 by default where the CPU runs it natively (chatforge: ``dtype="bf16"``,
+autocast with an fp32 LM head; HF: its ``generate()`` inside ``torch.autocast``).
+
+``engine`` rows (unless ``--no-engine``): the serving engine (``chatforge.serve.Engine``,
+continuous batching) with ``batch`` concurrent SAMPLED requests (temperature 0.8,
+top-k 50, top-p 0.95, repetition penalty 1.1, one seed each): tokens/s = all their
+tokens / wall time from the first submit to the last token. This is the path whose
+per-row sampling is now one vectorised call per step.
+
+Rounds are interleaved and the best counts. Ends with ``ratio generate_bN: X`` per
+batch size (fp32): chatforge tokens/s divided by HF tokens/s (higher = chatforge faster).
 """
 
 from __future__ import annotations
@@ -38,9 +47,32 @@ from _common import (
 )
 
 from chatforge.model import GPT, generate
+from chatforge.serve.engine import Engine, SamplingParams
+from chatforge.train.precision import resolve_precision
 
 DEFAULT = Shape(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096, batch_size=1)
 QUICK = Shape(n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, batch_size=1)
+
+
+class IdTokenizer:
+    """What the engine needs of a tokenizer for any vocabulary size: one ASCII byte per token id."""
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(65 + i % 26 for i in ids)
+
+    def id_to_token(self, i: int) -> str:
+        return chr(65 + i % 26)
+
+
+def run_engine(model: GPT, prompts: list[list[int]], new_tokens: int, dtype: str) -> list[list[int]]:
+    """Sampled requests, all submitted at once, through a fresh engine with one slot per request."""
+    with Engine(model, IdTokenizer(), max_batch=len(prompts), dtype=dtype) as engine:
+        handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95,
+                                                   repetition_penalty=1.1, seed=i))
+                   for i, p in enumerate(prompts)]
+        for h in handles:
+            h.wait()
+    return [h.token_ids for h in handles]
 
 
 @torch.no_grad()
@@ -62,6 +94,11 @@ def main() -> None:
                     help="chatforge QK-norm (HF peer: NanoChatForCausalLM; without: ArceeForCausalLM)")
     ap.add_argument("--hf-cache", choices=["dynamic", "static"], default="dynamic",
                     help="transformers KV cache implementation")
+    native = resolve_precision("auto", torch.device("cpu")).name
+    ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"] + ["bf16"] * (native == "bf16"),
+                    help="forward precisions to time (default: fp32, and bf16 where the CPU runs it natively)")
+    ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the serving engine with sampled requests")
     args = ap.parse_args()
     prompt_len = args.prompt_len or (8 if args.quick else 32)
     new_tokens = args.new_tokens or (16 if args.quick else 128)
@@ -89,8 +126,9 @@ def main() -> None:
     print(f"transformers {transformers.__version__}; peer: {type(hf).__name__} with chatforge's weights "
           f"(exact equivalent); shape: n_layer={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} "
           f"vocab={config.vocab_size}; params {count_params(model) / 1e6:.2f}M (chatforge) / "
-          f"{count_params(hf) / 1e6:.2f}M (HF); prompt {prompt_len}, {new_tokens} new tokens, greedy, fp32, "
-          f"HF cache: {args.hf_cache}; best of {rounds} rounds")
+          f"{count_params(hf) / 1e6:.2f}M (HF); prompt {prompt_len}, {new_tokens} new tokens, greedy, "
+          f"HF cache: {args.hf_cache}; dtypes: {', '.join(args.dtypes)} (auto here: {native}); "
+          f"best of {rounds} rounds")
 
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len), generator=gen) for b in args.batches}
@@ -99,41 +137,50 @@ def main() -> None:
         diff = (model(check)[0] - hf(input_ids=check).logits).abs().max().item()
     print(f"max |logit difference| chatforge vs HF on the prompts: {diff:.2e}")
 
-    def run_chatforge(b: int) -> list[list[int]]:
-        return generate(model, prompts[b].tolist(), new_tokens, temperature=0.0)
+    def run_chatforge(b: int, dtype: str) -> list[list[int]]:
+        return generate(model, prompts[b].tolist(), new_tokens, temperature=0.0, dtype=dtype)
 
-    def run_hf(b: int) -> list[list[int]]:
+    def run_hf(b: int, dtype: str) -> list[list[int]]:
         ids = prompts[b]
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, cache_implementation=args.hf_cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, cache_implementation=args.hf_cache)
         return out[:, prompt_len:].tolist()
 
-    runners = {"chatforge": run_chatforge, f"hf-{type(hf).__name__}": run_hf}
+    def run_served(b: int, dtype: str) -> list[list[int]]:
+        return run_engine(model, prompts[b].tolist(), new_tokens, dtype)
+
+    hf_name = f"hf-{type(hf).__name__}"
+    runners = {"chatforge": run_chatforge, hf_name: run_hf}
+    if args.engine:
+        runners["chatforge engine (sampled)"] = run_served
+    cases = [(name, d, b) for d in args.dtypes for b in args.batches for name in runners]
+    outputs = {case: runners[case[0]](case[2], case[1]) for case in cases}  # warmup
     agree = {}
-    for b in args.batches:  # warmup, and the equivalence check on every batch
-        outs = [fn(b) for fn in runners.values()]
-        same = sum(x == y for r0, r1 in zip(*outs) for x, y in zip(r0, r1))
-        agree[b] = same / (b * new_tokens)
-    best = {(name, b): float("inf") for name in runners for b in args.batches}
-    for r in range(rounds):
+    for d in args.dtypes:  # greedy chatforge vs HF, same dtype
         for b in args.batches:
-            for name, fn in runners.items():
-                best[(name, b)] = min(best[(name, b)], timed(lambda fn=fn, b=b: fn(b)))
+            ours, theirs = outputs[("chatforge", d, b)], outputs[(hf_name, d, b)]
+            agree[(d, b)] = sum(x == y for r0, r1 in zip(ours, theirs) for x, y in zip(r0, r1)) / (b * new_tokens)
+    best = {case: float("inf") for case in cases}
+    for r in range(rounds):
+        for case in cases:
+            name, d, b = case
+            best[case] = min(best[case], timed(lambda name=name, d=d, b=b: runners[name](b, d)))
         print(f"round {r + 1}/{rounds} done", flush=True)
 
     rows = []
-    for (name, b), sec in sorted(best.items(), key=lambda kv: kv[0][1]):
-        rows.append([name, str(b), f"{b * new_tokens / sec:,.0f}", f"{sec * 1e3 / new_tokens:.2f}",
-                     f"{agree[b]:.1%}"])
+    for (name, d, b), sec in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        same = f"{agree[(d, b)]:.1%}" if "engine" not in name else "(sampled)"
+        rows.append([name, d, str(b), f"{b * new_tokens / sec:,.0f}", f"{sec * 1e3 / new_tokens:.2f}", same])
     print()
-    print_table(["model", "batch", "tokens/s", "ms/token step", "same greedy tokens"], rows)
+    print_table(["model", "dtype", "batch", "tokens/s", "ms/token step", "same greedy tokens"], rows)
     if min(agree.values()) < 1.0:
-        print("note: greedy outputs differ somewhere (fp32 rounding can flip a near-tie); timings still compare "
-              "the same amount of work")
+        print("note: greedy outputs differ somewhere (rounding, bf16 above all, can flip a near-tie); timings "
+              "still compare the same amount of work")
     print()
-    hf_name = list(runners)[1]
+    d0 = "fp32" if "fp32" in args.dtypes else args.dtypes[0]
     for b in args.batches:
-        print(f"ratio generate_b{b}: {best[(hf_name, b)] / best[('chatforge', b)]:.3f}")
+        print(f"ratio generate_b{b}: {best[(hf_name, d0, b)] / best[('chatforge', d0, b)]:.3f}")
 
 
 if __name__ == "__main__":

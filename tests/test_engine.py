@@ -7,11 +7,13 @@ import time
 
 import pytest
 import torch
-from serve_fixtures import ascii_model
+from serve_fixtures import ascii_model, save_tiny_model
 
 from chatforge.chat.template import render_prompt, stop_token_ids
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, generate
+from chatforge.serve import engine as engine_module
+from chatforge.serve.app import ServeSettings, load_models
 from chatforge.serve.engine import (
     Detokenizer,
     Engine,
@@ -21,6 +23,7 @@ from chatforge.serve.engine import (
     SlotKVCache,
 )
 from chatforge.tokenizer.byte import ByteTokenizer
+from chatforge.train.precision import resolve_precision
 
 TOK = ByteTokenizer()
 
@@ -51,7 +54,8 @@ def slow_model() -> GPT:
 
 @pytest.fixture
 def engine(model):
-    with Engine(model, TOK, max_batch=4, max_queue=8) as eng:
+    """fp32, so that its tokens equal ``generate(..., dtype="fp32")`` exactly (bf16: see the tolerance test)."""
+    with Engine(model, TOK, max_batch=4, max_queue=8, dtype="fp32") as eng:
         yield eng
 
 
@@ -75,7 +79,7 @@ PROMPTS = [list(b"Hello there"), [TOK.bos_id], list(b"a"), list(b"The quick brow
 
 
 def test_simultaneous_requests_match_generate_alone(model, engine):
-    refs = [generate(model, [p], 30, temperature=0)[0] for p in PROMPTS]
+    refs = [generate(model, [p], 30, temperature=0, dtype="fp32")[0] for p in PROMPTS]
     handles = [engine.submit(p, greedy(30)) for p in PROMPTS]  # 5 requests, 4 slots: one waits for a slot
     for h, ref in zip(handles, refs):
         h.wait(10)
@@ -86,8 +90,8 @@ def test_simultaneous_requests_match_generate_alone(model, engine):
 
 def test_request_joining_mid_way_gets_the_same_tokens(model, engine):
     long_p, late_p = PROMPTS[3], PROMPTS[0]
-    ref_long = generate(model, [long_p], 80, temperature=0)[0]
-    ref_late = generate(model, [late_p], 25, temperature=0)[0]
+    ref_long = generate(model, [long_p], 80, temperature=0, dtype="fp32")[0]
+    ref_late = generate(model, [late_p], 25, temperature=0, dtype="fp32")[0]
     late: list = []
     forwards = 0
 
@@ -116,14 +120,14 @@ def test_request_joining_mid_way_gets_the_same_tokens(model, engine):
 def test_chat_uses_template_and_stops_at_end_of_turn(model, engine):
     messages = [{"role": "user", "content": "hi"}]
     ids = render_prompt(messages, TOK)
-    ref = generate(model, [ids], 20, temperature=0, stop_tokens=stop_token_ids(TOK))[0]
+    ref = generate(model, [ids], 20, temperature=0, dtype="fp32", stop_tokens=stop_token_ids(TOK))[0]
     h = engine.chat(messages, greedy(20))
     h.wait(10)
     assert h.prompt_tokens == len(ids) and h.token_ids == ref
 
 
 def test_stop_token_ends_with_stop(model, engine):
-    ref = generate(model, [PROMPTS[0]], 20, temperature=0)[0]
+    ref = generate(model, [PROMPTS[0]], 20, temperature=0, dtype="fp32")[0]
     h = engine.submit(PROMPTS[0], greedy(20), stop_token_ids=[ref[5]])
     h.wait(10)
     cut = ref.index(ref[5])
@@ -134,7 +138,7 @@ def test_stop_token_ends_with_stop(model, engine):
 
 
 def test_stop_string_cuts_exactly(model, engine):
-    text = TOK.decode(generate(model, [PROMPTS[3]], 60, temperature=0)[0])
+    text = TOK.decode(generate(model, [PROMPTS[3]], 60, temperature=0, dtype="fp32")[0])
     stop = text[20:23]
     expected = text[:text.find(stop)]
     h = engine.submit(PROMPTS[3], greedy(60, stop=("never-there", stop)))
@@ -268,7 +272,7 @@ def test_logprobs_match_a_direct_forward(model, engine):
 
 
 def test_async_iteration_and_result(model, engine):
-    ref = generate(model, [PROMPTS[0]], 12, temperature=0)[0]
+    ref = generate(model, [PROMPTS[0]], 12, temperature=0, dtype="fp32")[0]
 
     async def main() -> tuple[list[int], str, str]:
         a = engine.submit(PROMPTS[0], greedy(12))
@@ -328,7 +332,7 @@ def test_stop_ends_unfinished_requests_and_a_failed_step_ends_only_its_requests(
             raise RuntimeError("CUDA out of memory (simulated)")
         return forward(idx, **kw)
 
-    with Engine(model, TOK, max_batch=2) as eng:
+    with Engine(model, TOK, max_batch=2, dtype="fp32") as eng:
         eng.model.forward_hidden = flaky
         try:
             h = eng.submit(PROMPTS[0], greedy(20))
@@ -336,6 +340,92 @@ def test_stop_ends_unfinished_requests_and_a_failed_step_ends_only_its_requests(
             assert h.finish_reason == "error" and "out of memory" in h.error
             ok = eng.submit(PROMPTS[2], greedy(5))  # the engine keeps serving
             ok.wait(10)
-            assert ok.finish_reason == "length" and ok.token_ids == generate(model, [PROMPTS[2]], 5, temperature=0)[0]
+            ref = generate(model, [PROMPTS[2]], 5, temperature=0, dtype="fp32")[0]
+            assert ok.finish_reason == "length" and ok.token_ids == ref
         finally:
             del eng.model.forward_hidden
+
+
+# --------------------------------------------------------------------------- vectorised sampling, precision
+
+# (temperature, top_k, top_p, repetition_penalty) per request: greedy, greedy with a penalty, and samplers
+SETTINGS = [(0.0, None, None, 1.0), (0.0, None, None, 1.3), (1.3, 20, None, 1.0), (0.8, None, 0.9, 1.0),
+            (1.0, 50, 0.95, 1.2)]
+
+
+def mixed_params(n: int) -> list[SamplingParams]:
+    return [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=10 + i)
+            for i, (t, k, p, r) in enumerate(SETTINGS)]
+
+
+def test_one_sampling_call_per_step_over_rows_with_different_settings(model, monkeypatch):
+    sizes: list[int] = []
+    real = engine_module.sample_rows
+
+    def spy(adjusted, rows, uniforms):
+        sizes.append(adjusted.shape[0])
+        return real(adjusted, rows, uniforms)
+
+    monkeypatch.setattr(engine_module, "sample_rows", spy)
+    with Engine(model, TOK, max_batch=8, dtype="fp32") as eng:
+        handles = [eng.submit(p, params) for p, params in zip(PROMPTS, mixed_params(30))]
+        for h in handles:
+            h.wait(10)
+        steps = eng.stats()["steps"]
+    assert all(h.completion_tokens == 30 for h in handles)
+    assert len(sizes) == steps + len(handles)  # one call per decode step, and one per prefill
+    assert max(sizes) == len(handles)  # all five rows, five different settings, in one call
+
+
+def test_mixed_batch_gives_each_request_its_tokens_alone(model):
+    """Greedy rows are unchanged and seeded rows reproducible whatever shares their batch, and both
+    equal ``generate`` alone (the per-row reference: same rules, same seeded draws)."""
+    n = 40
+    alone = [generate(model, [p], n, temperature=t, top_k=k, top_p=tp, repetition_penalty=r, seed=10 + i,
+                      dtype="fp32")[0] for i, (p, (t, k, tp, r)) in enumerate(zip(PROMPTS, SETTINGS))]
+    with Engine(model, TOK, max_batch=8, dtype="fp32") as eng:
+        noise = [eng.submit(p, SamplingParams(max_tokens=n, temperature=1.5)) for p in PROMPTS[:2]]  # unseeded
+        batched = [eng.submit(p, params) for p, params in zip(PROMPTS, mixed_params(n))]
+        for h in [*noise, *batched]:
+            h.wait(10)
+        single = []
+        for p, params in zip(PROMPTS, mixed_params(n)):  # and each one through the engine by itself
+            h = eng.submit(p, params)
+            h.wait(10)
+            single.append(h.token_ids)
+    assert [h.token_ids for h in batched] == alone == single
+    greedy_refs = [generate(model, [p], n, temperature=0, dtype="fp32")[0] for p in PROMPTS[2:]]
+    assert all(a != g for a, g in zip(alone[2:], greedy_refs))  # the samplers really sampled
+
+
+def test_bf16_engine_runs_bf16_and_stays_near_fp32(model):
+    dtypes: list[torch.dtype] = []
+    hook = model.blocks[0].attn.c_q.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    try:
+        with Engine(model, TOK, max_batch=4, dtype="bf16") as eng:
+            assert eng.dtype == "bf16"
+            h = eng.submit(PROMPTS[0], greedy(12, logprobs=0))
+            events = list(h)
+            scores = eng.prompt_logprobs(PROMPTS[3])
+    finally:
+        hook.remove()
+    assert len(dtypes) == 12 + 1 and set(dtypes) == {torch.bfloat16}  # 12 decode forwards + the prompt score
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([PROMPTS[0] + h.token_ids]))[0][0], dim=-1)
+        lp_prompt = torch.log_softmax(model(torch.tensor([PROMPTS[3]]))[0][0], dim=-1)
+    n = len(PROMPTS[0])
+    assert [ev.logprob for ev in events] == pytest.approx(
+        [float(lp[n - 1 + k, ev.token_id]) for k, ev in enumerate(events)], abs=0.05)
+    # unlikely prompt tokens have logprobs near -20 here: bf16 is good to about 1-2% of them
+    assert scores[1:] == pytest.approx([float(lp_prompt[i - 1, t]) for i, t in enumerate(PROMPTS[3]) if i],
+                                       rel=0.03, abs=0.05)
+    assert Engine(model, TOK).dtype == resolve_precision("auto", torch.device("cpu")).name
+    with pytest.raises(ChatforgeError, match="dtype: 'fp8' is not allowed"):
+        Engine(model, TOK, dtype="fp8")
+
+
+def test_serve_settings_give_each_engine_its_dtype(tmp_path):
+    path = save_tiny_model(tmp_path / "m")
+    for dtype in ("fp32", "bf16"):
+        served = load_models(ServeSettings(models=[("m", path)], device="cpu", dtype=dtype))
+        assert served["m"].engine.dtype == dtype

@@ -59,7 +59,7 @@ def test_greedy_generate_matches_with_left_padding(qk_norm: bool) -> None:
     for b, p in enumerate(prompts):
         ids[b, T - len(p):] = torch.tensor(p)
         mask[b, T - len(p):] = 1
-    ours = generate(model, prompts, 12, temperature=0.0)
+    ours = generate(model, prompts, 12, temperature=0.0, dtype="fp32")  # the HF peer runs in fp32
     theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert theirs[:, T:].tolist() == ours
 

@@ -76,8 +76,9 @@ def access_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, access_log) -> Iterator[tuple[str, object]]:
+    # fp32: the logprob tests compare with an fp32 forward to 1e-4 (bf16 is covered in test_engine.py)
     settings = ServeSettings(models=[(None, model_dir)], api_keys=(KEY,), device="cpu", max_body_bytes=50_000,
-                             rate_limit_per_minute=0, access_log=access_log)
+                             rate_limit_per_minute=0, access_log=access_log, dtype="fp32")
     with serve(settings) as running:
         yield running
 

@@ -1,7 +1,14 @@
 """The GPT model, its task heads, KV-cache generation and FLOP accounting."""
 
 from chatforge.model.flops import estimate_mfu, flops_per_token, peak_flops
-from chatforge.model.generate import adjust_logits, generate, sample_next_token, stream
+from chatforge.model.generate import (
+    Generation,
+    adjust_logits,
+    generate,
+    generate_details,
+    sample_next_token,
+    stream,
+)
 from chatforge.model.gpt import GPT, GPTConfig, make_adamw, param_groups, token_loss
 from chatforge.model.heads import ClassifierHead, GPTWithHead, ScalarHead
 from chatforge.model.kv_cache import KVCache
@@ -11,12 +18,14 @@ __all__ = [
     "ClassifierHead",
     "GPTConfig",
     "GPTWithHead",
+    "Generation",
     "KVCache",
     "ScalarHead",
     "adjust_logits",
     "estimate_mfu",
     "flops_per_token",
     "generate",
+    "generate_details",
     "make_adamw",
     "param_groups",
     "peak_flops",

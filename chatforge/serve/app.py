@@ -109,7 +109,8 @@ def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
             raise ChatforgeError(f"two models are named {mid!r} ({out[mid].path} and {path}); "
                                  "name them on the command line as NAME=PATH")
         model, tok, _ = load_model(path, device)
-        engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue)
+        engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                        dtype=settings.dtype)
         out[mid] = ServedModel(mid, model_version(path), path, engine, model.config.block_size,
                                created=int((path / WEIGHTS).stat().st_mtime))
     return out

@@ -92,6 +92,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="create user 'admin' with this password if there is no admin yet; shows in `ps`: "
                         "prefer the CHATFORGE_ADMIN_PASSWORD environment variable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="forward precision: auto = bf16 autocast where the device runs bf16 natively, else fp32")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -209,7 +211,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         forwarded_allow_ips=_csv(args.forwarded_allow_ips), docs=args.docs,
         session_idle_minutes=args.session_idle_minutes,
         access_log=Path(args.access_log) if args.access_log else None,
-        device=args.device, admin_password=args.admin_password or os.environ.get("CHATFORGE_ADMIN_PASSWORD") or None,
+        device=args.device, dtype=args.dtype,
+        admin_password=args.admin_password or os.environ.get("CHATFORGE_ADMIN_PASSWORD") or None,
     )
 
 

@@ -25,14 +25,25 @@ far are decoded and only the new, settled suffix is emitted; text is held back
 while it ends in an incomplete UTF-8 character (U+FFFD) or could be the start of
 a stop string, so a stop string is never streamed and then taken back.
 
-Sampling reuses ``adjust_logits``/``sample_next_token`` per request (the forward is
-shared, the sampling parameters are not); a request with a ``seed`` draws from
-its own ``torch.Generator``, so its output does not depend on what else runs.
+Sampling is one vectorised call per step over all running rows, each with its
+own temperature/top-k/top-p/penalty (``SamplingRows``, the rules of
+``model.generate``). The draw is inverse-CDF sampling from one uniform number per
+row: a request with a ``seed`` takes its number from its own CPU
+``torch.Generator``, so its tokens do not depend on what else runs, and equal
+``generate(model, [prompt], seed=seed)`` alone. Greedy rows are the argmax.
+``TokenEvent.logprob`` is the model's own log-probability of the token (raw
+logits, as OpenAI's ``logprobs`` report), not the adjusted sampling distribution.
+
+The forward runs under bf16 autocast where the device runs bf16 natively
+(``dtype="auto"``; "fp32" forces fp32); logits and log-probabilities are fp32.
+The decode thread holds one ``no_grad`` + autocast region while it has work, so
+autocast casts each weight to bf16 once per busy period, not at every step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import numbers
 import queue
@@ -46,8 +57,15 @@ import torch
 
 from chatforge.chat.template import render_prompt, stop_token_ids
 from chatforge.errors import ChatforgeError
-from chatforge.model.generate import sample_next_token
+from chatforge.model.generate import (
+    SamplingRows,
+    adjust_logits_rows,
+    forward_autocast,
+    lm_logits,
+    sample_rows,
+)
 from chatforge.model.gpt import GPT
+from chatforge.train.precision import resolve_precision
 
 __all__ = [
     "Engine",
@@ -426,6 +444,9 @@ class GenerationHandle:
 # --------------------------------------------------------------------------- the engine
 
 
+_serials = itertools.count()
+
+
 class _Request:
     """Engine-side state of one request."""
 
@@ -436,20 +457,21 @@ class _Request:
         self.params = params
         self.stops = stops
         self.detok = Detokenizer(params.stop)
-        self.generator: torch.Generator | None = None
-        self.seen: torch.Tensor | None = None  # (1, V) for the repetition penalty
+        self.generator: torch.Generator | None = None  # CPU, for seeded requests
+        self.serial = next(_serials)  # unlike id(), never reused: keys the cached sampling settings
         self.last_token = -1
 
     @property
-    def greedy(self) -> bool:
-        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+    def sampling(self) -> tuple[float, int | None, float | None, float]:
+        p = self.params
+        return p.temperature, p.top_k, p.top_p, p.repetition_penalty
 
 
 class Engine:
     """Continuous-batching generation for one model; see the module docstring."""
 
     def __init__(self, model: GPT, tokenizer: Any, max_batch: int = 16, max_queue: int = 64,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: str = "auto") -> None:
         if not _is_int(max_batch) or max_batch < 1:
             raise ChatforgeError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not _is_int(max_queue) or max_queue < 0:
@@ -462,7 +484,12 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.block_size
         self.vocab_size = model.config.vocab_size
+        self.precision = resolve_precision(dtype, self.device)
+        self.dtype = self.precision.name  # the forward's precision: "bf16" or "fp32" (or "fp16" on old GPUs)
         self.cache = SlotKVCache.for_model(model, max_batch)
+        # Tokens each cache row has seen (prompt + generated), for the repetition penalty; moves with its row.
+        self._seen = torch.zeros(max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._sampling: tuple[tuple[int, ...], SamplingRows] | None = None  # rows' settings, rebuilt on change
         self._cv = threading.Condition()  # guards _waiting, _active, _stopping
         self._waiting: deque[_Request] = deque()
         self._active = 0  # admitted and not finished
@@ -571,10 +598,10 @@ class Engine:
                                  f"{bad[:5]}")
         if not _is_int(top) or not 0 <= top <= MAX_LOGPROBS:
             raise ChatforgeError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top!r}")
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.no_grad(), forward_autocast(self.precision):
             idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits, _ = self.model(idx)
-            lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # position i predicts token i+1
+            logits = lm_logits(self.model, self.model.forward_hidden(idx))
+            lp = torch.log_softmax(logits[0, :-1], dim=-1)  # position i predicts token i+1
             chosen = lp.gather(1, idx[0, 1:, None])[:, 0].tolist()
             tops: list[list[tuple[int, float]] | None] = [None]
             if top > 0 and len(ids) > 1:
@@ -603,41 +630,52 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._stopping and not self._waiting and not self._rows:
-                        self._cv.wait()
-                    if self._stopping:
-                        return
-                    admit: list[_Request] = []
-                    dropped = [req for req in self._waiting if req.handle.cancelled]
-                    if dropped:
-                        self._waiting = deque(req for req in self._waiting if not req.handle.cancelled)
-                    # Prefill at most ~one context of prompt tokens per step (always one request), so a burst
-                    # of new requests does not stall the rows already streaming.
-                    budget = self.context
-                    while self._waiting and len(self._rows) + len(admit) < self.max_batch and (
-                            not admit or len(self._waiting[0].prompt) <= budget):
-                        req = self._waiting.popleft()
-                        budget -= len(req.prompt)
-                        admit.append(req)
-                    self._active += len(admit)
-                for req in dropped:
-                    self._finish(req, "cancelled", admitted=False)
-                try:
-                    with self._model_lock:
-                        for req in admit:
-                            self._prefill(req)
-                        admit = []
-                        self._drop_cancelled()
-                        if self._rows:
-                            self._decode_step()
-                except Exception as e:  # a failed forward (e.g. out of memory) ends its requests, not the server
-                    log.exception("generation step failed")
-                    for req in [*self._rows, *admit]:
-                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
-                    self._rows = []
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            # Busy: one region until idle again, so autocast makes its bf16 weight copies once
+            # (it caches them only outside inference_mode, and drops them when the region ends).
+            with torch.no_grad(), forward_autocast(self.precision):
+                while self._step():
+                    pass
+
+    def _step(self) -> bool:
+        """Admit and prefill new requests, then one decode step; False when idle or stopping."""
+        with self._cv:
+            if self._stopping or (not self._waiting and not self._rows):
+                return False
+            admit: list[_Request] = []
+            dropped = [req for req in self._waiting if req.handle.cancelled]
+            if dropped:
+                self._waiting = deque(req for req in self._waiting if not req.handle.cancelled)
+            # Prefill at most ~one context of prompt tokens per step (always one request), so a burst
+            # of new requests does not stall the rows already streaming.
+            budget = self.context
+            while self._waiting and len(self._rows) + len(admit) < self.max_batch and (
+                    not admit or len(self._waiting[0].prompt) <= budget):
+                req = self._waiting.popleft()
+                budget -= len(req.prompt)
+                admit.append(req)
+            self._active += len(admit)
+        for req in dropped:
+            self._finish(req, "cancelled", admitted=False)
+        try:
+            with self._model_lock:
+                for req in admit:
+                    self._prefill(req)
+                admit = []
+                self._drop_cancelled()
+                if self._rows:
+                    self._decode_step()
+        except Exception as e:  # a failed forward (e.g. out of memory) ends its requests, not the server
+            log.exception("generation step failed")
+            for req in [*self._rows, *admit]:
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            self._rows = []
+        return True
 
     def _prefill(self, req: _Request) -> None:
         if req.handle.cancelled:
@@ -646,22 +684,19 @@ class Engine:
         if req.params.max_tokens == 0:
             self._finish(req, "length")
             return
-        p = req.params
-        if p.seed is not None:
-            req.generator = torch.Generator(device=self.device)
-            req.generator.manual_seed(p.seed)
-        if p.repetition_penalty != 1.0:
-            req.seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
-            req.seen[0, torch.tensor(req.prompt, device=self.device)] = True
+        if req.params.seed is not None:
+            req.generator = torch.Generator()  # CPU: the same draws on any device, and as generate's
+            req.generator.manual_seed(req.params.seed)
         row = len(self._rows)
+        self._seen[row] = False
+        self._seen[row, torch.tensor(req.prompt, device=self.device)] = True
         self.cache.begin_prefill(row)
         idx = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
         hidden = self.model.forward_hidden(idx, kv_cache=self.cache)
         self.cache.lengths[row] = len(req.prompt)
         self._rows.append(req)
         self._prefill_tokens += len(req.prompt)
-        logits = self.model.logits_from_hidden(hidden[:, -1])
-        self._advance([req], logits, first_row=row)
+        self._advance([req], lm_logits(self.model, hidden[:, -1]), first_row=row)
 
     def _drop_cancelled(self) -> None:
         gone = [r for r, req in enumerate(self._rows) if req.handle.cancelled]
@@ -674,36 +709,42 @@ class Engine:
         idx = torch.tensor([[req.last_token] for req in self._rows], dtype=torch.long, device=self.device)
         self.cache.begin_decode(n)
         hidden = self.model.forward_hidden(idx, kv_cache=self.cache)
-        logits = self.model.logits_from_hidden(hidden[:, -1])
+        logits = lm_logits(self.model, hidden[:, -1])
         self._steps += 1
         self._advance(list(self._rows), logits, first_row=0)
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
-        """(n,) next tokens: one argmax for the greedy rows, per-row sampling for the others."""
-        n = len(reqs)
-        greedy = [i for i, req in enumerate(reqs) if req.greedy]
-        if len(greedy) == n:
-            return logits.argmax(dim=-1)
-        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-        if greedy:
-            g = torch.tensor(greedy, device=logits.device)
-            chosen[g] = logits[g].argmax(dim=-1)
+    def _sample(self, reqs: list[_Request], logits: torch.Tensor, first_row: int) -> torch.Tensor:
+        """(n,) next tokens for cache rows first_row..: one vectorised call, each row with its own settings."""
+        key = (first_row, *(req.serial for req in reqs))
+        if self._sampling is None or self._sampling[0] != key:
+            self._sampling = (key, SamplingRows.build([req.sampling for req in reqs], self.device))
+        rows = self._sampling[1]
+        seen = self._seen[first_row:first_row + len(reqs)] if rows.any_penalty else None
+        adjusted = adjust_logits_rows(logits, rows, seen)
+        return sample_rows(adjusted, rows, None if rows.all_greedy else self._uniforms(reqs))
+
+    @staticmethod
+    def _uniforms(reqs: list[_Request]) -> torch.Tensor:
+        """One uniform number per row: from the request's own generator when seeded (so its draws do not
+        depend on the batch), else from torch's global generator; greedy rows draw nothing."""
+        u = [0.0] * len(reqs)
+        free = [i for i, req in enumerate(reqs) if req.generator is None and req.params.temperature > 0]
+        for i, v in zip(free, torch.rand(len(free)).tolist()):
+            u[i] = v
         for i, req in enumerate(reqs):
-            if req.greedy:
-                continue
-            p = req.params
-            chosen[i:i + 1] = sample_next_token(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
-                                                p.repetition_penalty, req.seen, req.generator)
-        return chosen
+            if req.generator is not None and req.params.temperature > 0:
+                u[i] = torch.rand(1, generator=req.generator).item()
+        return torch.tensor(u)
 
     def _advance(self, reqs: list[_Request], logits: torch.Tensor, first_row: int) -> None:
         """Sample a token for each of ``reqs`` (rows first_row..), stream it, retire finished rows."""
-        chosen = self._sample(reqs, logits)
+        chosen = self._sample(reqs, logits, first_row)
+        self._seen[torch.arange(first_row, first_row + len(reqs), device=self.device), chosen] = True
         want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
         lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
             w = torch.tensor(want, device=logits.device)
-            lp = torch.log_softmax(logits[w].float(), dim=-1)  # raw logits: the model's own probabilities
+            lp = torch.log_softmax(logits[w], dim=-1)  # raw logits: the model's own probabilities
             picked = lp.gather(1, chosen[w][:, None])[:, 0].tolist()
             n_top = max(reqs[i].params.logprobs or 0 for i in want)
             tops: list[list[tuple[int, float]]] = [[] for _ in want]
@@ -715,8 +756,6 @@ class Engine:
         tokens = chosen.tolist()
         done = []
         for i, (req, tok) in enumerate(zip(reqs, tokens)):
-            if req.seen is not None:
-                req.seen[0, tok] = True
             if self._emit(req, tok, lps.get(i)):
                 done.append(first_row + i)
         self._remove(done)
@@ -775,5 +814,6 @@ class Engine:
             last = len(self._rows) - 1
             if r != last:
                 self.cache.move(last, r)
+                self._seen[r] = self._seen[last]
                 self._rows[r] = self._rows[last]
             self._rows.pop()

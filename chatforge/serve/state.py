@@ -53,6 +53,7 @@ class ServeSettings:
     session_idle_minutes: int = 60  # a web session unused this long ends (it lasts 7 days at most)
     access_log: Path | None = None
     device: str = "auto"
+    dtype: str = "auto"  # the engines' forward precision (see Engine)
     admin_password: str | None = None
 
     @property
