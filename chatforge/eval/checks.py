@@ -127,6 +127,14 @@ def support_turn(row: Mapping[str, Any]) -> int | None:
     return None
 
 
+def is_support_row(row: Any) -> bool:
+    """Whether ``row`` looks like a SupportWorld support conversation (intent, a record with the
+    customer and today's date, and a main answer)."""
+    rec = row.get("record") if isinstance(row, Mapping) else None
+    return isinstance(rec, dict) and "today" in rec and "name" in rec and isinstance(row.get("intent"), str) \
+        and support_turn(row) is not None
+
+
 def support_prompt(row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str] | None:
     """``(prompt messages, reference answer)`` of a conversation's main question, or None."""
     k = support_turn(row)
@@ -749,8 +757,7 @@ def support_rows(source: str | Path, limit: int = 0) -> list[dict[str, Any]]:
 
     rows = []
     for where, rec in iter_records(source, "test"):
-        if not isinstance(rec.get("record"), dict) or not isinstance(rec.get("intent"), str) \
-                or support_turn(rec) is None:
+        if not is_support_row(rec):
             raise DataError(f"{where}: not a SupportWorld support conversation (needs 'messages' with an "
                             "assistant answer, 'intent' and 'record'); give supportworld/conversations/*.jsonl")
         rows.append(rec)

@@ -28,7 +28,7 @@ from chatforge.chat.template import prompt_messages, render_prompt
 from chatforge.config import ChatTuneConfig
 from chatforge.data.records import iter_records
 from chatforge.errors import ChatforgeError, DataError
-from chatforge.eval.checks import CHECKS, SupportChecks, summarize, support_turn
+from chatforge.eval.checks import CHECKS, SupportChecks, is_support_row, summarize, support_turn
 from chatforge.eval.generation import answer_prompts
 from chatforge.eval.metrics import bleu_chrf
 from chatforge.model.gpt import GPT
@@ -87,7 +87,7 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
                 row["status"] = record["status"]
                 row["status_stated"] = bool(status_stated(record, ans.text))
                 checks.append(row["status_stated"])
-            if isinstance(rec, dict) and "intent" in rec and support_turn(rec) == len(msgs) - 1:
+            if is_support_row(rec) and support_turn(rec) == len(msgs) - 1:
                 try:
                     support = support or SupportChecks.for_data(source)
                     row["checks"] = support.check(rec, ans.text, ans.ended)
