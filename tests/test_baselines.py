@@ -27,7 +27,7 @@ def rows(n: int, seed: int, noise: float = 0.0) -> list[tuple[str, str]]:
 def test_fits_train_picks_c_on_val_and_scores_test():
     pytest.importorskip("sklearn")
     r = tfidf_logreg(rows(120, 0), rows(60, 2), rows(60, 1), labels=["negative", "neutral", "positive"])
-    assert r["available"] and r["accuracy"] == r["macro_f1"] == 1.0 and r["C"] in (0.1, 1.0, 10.0, 100.0)
+    assert r["available"] and r["accuracy"] == r["macro_f1"] == 1.0 and r["C"] in (1.0, 10.0)
     # labels flipped at random in a quarter of the texts: the baseline cannot be perfect, but beats chance
     noisy = tfidf_logreg(rows(300, 0, noise=0.25), rows(200, 2, noise=0.25))
     assert 0.5 < noisy["accuracy"] < 1.0 and noisy["val_macro_f1"] is None and noisy["C"] == 1.0

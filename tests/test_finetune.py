@@ -74,7 +74,7 @@ def test_classifier_learns_and_reports_everything(base_run, tmp_path):
     assert metrics["test_accuracy"] > 0.9 > metrics["majority_baseline"]
     # the classical baseline, fitted on the same training split: one word decides, so it is perfect
     assert metrics["tfidf_logreg_accuracy"] == metrics["tfidf_logreg_macro_f1"] == 1.0
-    assert metrics["tfidf_logreg"]["C"] in (0.1, 1.0, 10.0, 100.0)
+    assert metrics["tfidf_logreg"]["C"] in (1.0, 10.0)
     assert "TF-IDF + logistic regression 1.000 (macro-F1 1.000)" in get_stage("sentiment").summary(ev)
     assert metrics["labels"] == ["negative", "positive"] and len(metrics["confusion"]) == 2
     assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
