@@ -803,6 +803,10 @@ def evaluate_checks(model: Any, tok: Any, rows: Sequence[dict[str, Any]], checks
     return report, results
 
 
+def _cell(t: Mapping[str, Any]) -> str:
+    return f"{100 * t['rate']:.0f}% ({t['n']})" if t["n"] else "-"
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as text: one line per check, then a table of pass rates per intent."""
     lines = [f"{'check':<14}{'pass rate':>10}{'passed/n':>11}   95% interval ({report.get('interval', 'wilson')})"]
@@ -817,7 +821,6 @@ def format_report(report: Mapping[str, Any]) -> str:
     head = "".join(f"{k[:12]:>13}" for k in names)
     lines += ["", f"{'intent':<18}{'n':>4}{head}"]
     for intent, group in report["by_intent"].items():
-        cells = "".join(f"{'-':>13}" if not group[k]["n"] else f"{100 * group[k]['rate']:>8.0f}% ({group[k]['n']:>2})"
-                        for k in names)
+        cells = "".join(f"{_cell(group[k]):>13}" for k in names)
         lines.append(f"{intent:<18}{group[ALL]['n']:>4}{cells}")
     return "\n".join(lines)
