@@ -8,7 +8,7 @@
     chatforge finetune STAGE [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
     chatforge sample [MODEL] [--name RUN] [--prompt TEXT ...] [sampling flags]
     chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
-    chatforge eval perplexity|prompt-classify [MODEL] [--name RUN] ...
+    chatforge eval perplexity|prompt-classify|checks|probe [MODEL] [--name RUN] ...
 
 MODEL is a model directory or a stage of the run (sft, pretrain, ...); every command that
 reads a run takes --name/--runs-dir.
@@ -288,6 +288,85 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
                   f"bits/byte {result['val_bpb']:.4f}  over {result['val_tokens']:,} tokens", markup=False)
 
 
+def cmd_eval_checks(args: argparse.Namespace) -> None:
+    from chatforge.eval.checks import (
+        SupportChecks,
+        evaluate_checks,
+        format_report,
+        score_candidates,
+        support_rows,
+    )
+    from chatforge.io import read_jsonl, write_jsonl
+    from chatforge.paths import RunPaths
+
+    run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
+    data = Path(args.data) if args.data else run.supportworld / "conversations" / "test.jsonl"
+    if not data.is_file():
+        raise ChatforgeError(f"{data}: no such file; give --data (SupportWorld conversations) or run "
+                             f"`chatforge data generate{'' if run.name == 'default' else f' --name {run.name}'}` first")
+    checks = SupportChecks.for_data(data)
+    rows = support_rows(data, args.limit)
+    if args.candidates:  # the checks on the data's own ranked candidates: what they catch
+        path = data.parent.parent / "candidates" / data.name
+        if not path.is_file():
+            raise ChatforgeError(f"{path}: no such file (the candidates beside {data})")
+        ids = {str(r["id"]).replace("conv-", "") for r in rows}
+        cands = [c for _, c in read_jsonl(path) if str(c.get("id", "")).replace("cand-", "") in ids]
+        by_quality = score_candidates(rows, cands, checks)
+        if args.json:
+            sys.stdout.write(json.dumps({"data": str(data), "candidates": str(path), "by_quality": by_quality}) + "\n")
+            return
+        for quality, report in by_quality.items():
+            console.print(f"\n[bold]{quality}[/bold] ({report['answers']} answers)")
+            console.print(format_report(report).split("\n\n")[0], markup=False, soft_wrap=True)
+        return
+
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    model_dir = _model_dir(args)
+    model, tok, _ = load_model(model_dir, device)
+    with resolve_precision(args.dtype, device).autocast():
+        report, results = evaluate_checks(model, tok, rows, checks, args.max_new_tokens, device)
+    report = {"model": str(model_dir), "data": str(data), **report}
+    if args.answers:
+        write_jsonl(Path(args.answers), results)
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    skipped = f"; {report['skipped']} skipped: prompt + {args.max_new_tokens} new tokens exceed the context" \
+        if report["skipped"] else ""
+    console.print(f"{model_dir}: SupportWorld checks on {report['answers']} greedy answers to {data}{skipped}",
+                  markup=False, soft_wrap=True)
+    console.print(format_report(report), markup=False, soft_wrap=True)
+
+
+def cmd_eval_probe(args: argparse.Namespace) -> None:
+    from chatforge.eval.probe import copy_probe, lookup_probe
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    model_dir = _model_dir(args)
+    model, tok, _ = load_model(model_dir, device)
+    result = {"model": str(model_dir), "seed": args.seed, "n": args.n,
+              **copy_probe(model, tok, n=args.n, length=args.length, seed=args.seed),
+              **lookup_probe(model, tok, n=args.n, seed=args.seed)}
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    console.print(f"{model_dir}: copy probe ({args.n} random sequences of {result['length']:.0f} tokens, each "
+                  f"repeated): nll {result['first_nll']:.3f} on the first copy, {result['repeat_nll']:.3f} on the "
+                  f"repeat, ratio {result['repeat_ratio']:.3f} (about 1: no in-context copying)", markup=False, soft_wrap=True)
+    if "lookup_nll" in result:
+        console.print(f"record lookup ({args.n} records of 3 orders): nll {result['lookup_nll']:.3f} per token on "
+                      f"the asked order's number, {result['lookup_control_nll']:.3f} on a number not in the record; "
+                      f"top-1 {100 * result['lookup_top1']:.1f}% of its tokens", markup=False, soft_wrap=True)
+    else:
+        console.print("record lookup: the probe's records do not fit the model's context", markup=False, soft_wrap=True)
+
+
 def cmd_eval_prompt_classify(args: argparse.Namespace) -> None:
     from chatforge.eval.metrics import format_confusion
     from chatforge.finetune.classify import read_labelled
@@ -423,6 +502,34 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="auto")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(func=cmd_eval_perplexity)
+
+    chk = ev_sub.add_parser("checks", help="SupportWorld's checks on the model's answers to held-out support "
+                                           "prompts (status, order number, name, intent, leaks, turn ended)")
+    _add_model_args(chk, "sft")
+    chk.add_argument("--data", help="SupportWorld conversations (default: the run's supportworld/conversations/"
+                                    "test.jsonl)")
+    chk.add_argument("--limit", type=int, default=0, help="check the first N conversations (0 = all)")
+    chk.add_argument("--max-new-tokens", type=int, default=160,
+                     help="generation limit (an answer cut there fails 'ended'; SupportWorld's answers are at most "
+                          "150 tokens with the default tokenizer)")
+    chk.add_argument("--answers", metavar="FILE", help="also write each answer with its checks to FILE (JSONL)")
+    chk.add_argument("--candidates", action="store_true",
+                     help="no model: score the data's own ranked candidate answers per quality (what the checks "
+                          "catch)")
+    chk.add_argument("--device", default="auto")
+    chk.add_argument("--dtype", default="auto", help="auto (bf16 where the device runs it natively), bf16, fp32")
+    chk.add_argument("--json", action="store_true", help="print the report as JSON")
+    chk.set_defaults(func=cmd_eval_checks)
+
+    prb = ev_sub.add_parser("probe", help="in-context copying: loss on a repeated random sequence vs its first "
+                                          "copy, and looking an order number up in a record")
+    _add_model_args(prb, "pretrain")
+    prb.add_argument("--n", type=int, default=32, help="sequences / records")
+    prb.add_argument("--length", type=int, default=64, help="random tokens per copy (shrinks to fit the context)")
+    prb.add_argument("--seed", type=int, default=0)
+    prb.add_argument("--device", default="auto")
+    prb.add_argument("--json", action="store_true")
+    prb.set_defaults(func=cmd_eval_probe)
 
     pc = ev_sub.add_parser("prompt-classify", help="classify by asking the chat model (the prompt-only "
                                                      "alternative to a fine-tuned head)")

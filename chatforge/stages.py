@@ -67,8 +67,19 @@ def _pretrain_summary(ev: dict[str, Any]) -> str:
              f"({t['dtype']} on {t['device']})",
              f"  held-out perplexity {m['val_ppl']:.2f} (loss {m['val_loss']:.3f}, {m['val_bpb']:.3f} bits/byte); "
              f"unigram baseline perplexity {m['unigram_ppl']:.2f}"]
+    if "probe_repeat_ratio" in m:
+        line = (f"  copy probe: nll {m['probe_first_nll']:.2f} on random tokens, {m['probe_repeat_nll']:.2f} on their "
+                f"repeat (ratio {m['probe_repeat_ratio']:.2f}; well below 1 = the model copies from context)")
+        if "probe_lookup_nll" in m:
+            line += (f"; record lookup: nll {m['probe_lookup_nll']:.2f} on an order number in the record vs "
+                     f"{m['probe_lookup_control_nll']:.2f} on one not in it, top-1 {100 * m['probe_lookup_top1']:.0f}%")
+        lines.append(line)
     lines += [f"  sample: {s!r}" for s in ev.get("details", {}).get("samples", [])]
     return "\n".join(lines)
+
+
+CHECK_LABELS = (("status", "status"), ("order number", "order_number"), ("name", "name"),
+                ("intent handled", "intent"), ("no other customer's data", "no_leak"), ("turn ended", "ended"))
 
 
 def _chat_summary(ev: dict[str, Any]) -> str:
@@ -80,6 +91,11 @@ def _chat_summary(ev: dict[str, Any]) -> str:
         parts.append(f"order status stated correctly in {100 * m['test_status_correct']:.0f}% "
                      f"of {m['status_checked']} answers")
     line = f"({_train_head(ev)}): " + ", ".join(parts)
+    if "test_check_all" in m:
+        shown = [(label, m.get(f"test_check_{key}")) for label, key in CHECK_LABELS]
+        line += (f"\n  SupportWorld checks on {m['checked']} answers: "
+                 + ", ".join(f"{label} {100 * v:.0f}%" for label, v in shown if isinstance(v, int | float))
+                 + f"; all passed {100 * m['test_check_all']:.0f}%")
     if "bleu_signature" in ev.get("details", {}):
         line += f"\n  sacrebleu: {ev['details']['bleu_signature']}"
     return line + _forgetting(m)
@@ -87,8 +103,14 @@ def _chat_summary(ev: dict[str, Any]) -> str:
 
 def _classify_summary(ev: dict[str, Any]) -> str:
     m = ev["metrics"]
+    if "tfidf_logreg_accuracy" in m:
+        classical = (f"TF-IDF + logistic regression {m['tfidf_logreg_accuracy']:.3f} "
+                     f"(macro-F1 {m['tfidf_logreg_macro_f1']:.3f})")
+    else:
+        reason = ev.get("details", {}).get("tfidf_logreg", {}).get("reason", "not measured")
+        classical = f"TF-IDF + logistic regression: {reason}"
     return (f"({_train_head(ev)}): test accuracy {m['test_accuracy']:.3f}, macro-F1 {m['test_macro_f1']:.3f} "
-            f"(majority-class baseline {m['majority_baseline']:.3f})" + _forgetting(m))
+            f"(majority-class baseline {m['majority_baseline']:.3f}; {classical})" + _forgetting(m))
 
 
 def _tag_summary(ev: dict[str, Any]) -> str:

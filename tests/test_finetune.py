@@ -17,6 +17,7 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.finetune.classify import load_classifier
 from chatforge.finetune.sft import status_stated
 from chatforge.io import write_jsonl
+from chatforge.stages import get_stage
 from chatforge.train.checkpoint import load_model
 from chatforge.train.pretrain import pretrain
 from chatforge.train.stage import run_stage
@@ -68,8 +69,13 @@ def classify_sets(data, section="sentiment", **kw):
 
 def test_classifier_learns_and_reports_everything(base_run, tmp_path):
     data = write_sentiment(tmp_path)
-    metrics = M(run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False))
+    ev = run_stage(cfg_for(base_run, *classify_sets(data)), "sentiment", progress=False)
+    metrics = M(ev)
     assert metrics["test_accuracy"] > 0.9 > metrics["majority_baseline"]
+    # the classical baseline, fitted on the same training split: one word decides, so it is perfect
+    assert metrics["tfidf_logreg_accuracy"] == metrics["tfidf_logreg_macro_f1"] == 1.0
+    assert metrics["tfidf_logreg"]["C"] in (1.0, 10.0)
+    assert "TF-IDF + logistic regression 1.000 (macro-F1 1.000)" in get_stage("sentiment").summary(ev)
     assert metrics["labels"] == ["negative", "positive"] and len(metrics["confusion"]) == 2
     assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
     assert "forgetting_ppl_change_pct" in metrics

@@ -55,6 +55,7 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert len(samples) == 3 and all(s.strip() for s in samples)
     assert ev["primary"] == {"name": "val_ppl", "value": report["val_ppl"], "goal": "min"} and ev["parent"] is None
     assert "held-out perplexity" in r.stdout and "unigram baseline" in r.stdout
+    assert "probe_repeat_ratio" in report and "copy probe: nll" in r.stdout  # in-context copying, after pre-training
     for label in ("clean report", "tokenizer", "train/val shards", "pre-trained model", "pretrain report"):
         assert label in r.stdout
 
@@ -70,10 +71,12 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     for stage in ("sentiment", "intent"):
         m = metrics(stage)
         assert m["test_accuracy"] > m["majority_baseline"] + 0.15, (stage, m["test_accuracy"])
-        assert "forgetting_ppl_change_pct" in m
+        assert "forgetting_ppl_change_pct" in m and 0 < m["tfidf_logreg_accuracy"] <= 1
     for stage in ("sft", "translate"):
         m = metrics(stage)
         assert 1 <= m["generated"] <= 8 and m["bleu_signature"].startswith("nrefs:1")
+    assert metrics("sft")["checked"] >= 1 and "SupportWorld checks on" in r.stdout
+    assert "TF-IDF + logistic regression" in r.stdout
     assert metrics("tagging")["test_entity_f1"] > 0.2
     assert "majority-class baseline" in r.stdout and "forgetting" in r.stdout
 
@@ -101,6 +104,13 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert ppl.returncode == 0, ppl.stderr
     result = json.loads(ppl.stdout)
     assert result["val_ppl"] < report["unigram_ppl"] and result["model"] == str(Path("runs/other/pretrain/model"))
+    checks = chatforge("eval", "checks", "--name", "other", "--limit", "3", "--max-new-tokens", "16", "--json",
+                       cwd=tmp_path)
+    assert checks.returncode == 0, checks.stderr
+    checked = json.loads(checks.stdout)
+    assert checked["answers"] + checked["skipped"] == 3 and checked["model"] == str(Path("runs/other/finetune/sft/model"))
+    probed = chatforge("eval", "probe", "--name", "other", "--json", cwd=tmp_path)
+    assert probed.returncode == 0 and "repeat_ratio" in json.loads(probed.stdout), probed.stderr
     chat = chatforge("chat", "--name", "other", "--max-new-tokens", "8", cwd=tmp_path, stdin="hello\n/quit\n")
     assert chat.returncode == 0 and "assistant>" in chat.stdout, chat.stderr
     missing = chatforge("chat", "--name", "nosuchrun", cwd=tmp_path, stdin="/quit\n")

@@ -8,7 +8,9 @@ is an error naming the file and line, since the head cannot predict it.
 
 Writes under ``runs/<run>/finetune/<stage>/``: ``ckpt/`` (resumable), ``model/``
 (LoRA merged into the weights), ``eval.json`` (test accuracy, macro-F1, confusion
-matrix, the majority-class baseline, forgetting, trainable parameters, wall time).
+matrix, the majority-class baseline, the TF-IDF + logistic-regression baseline fitted
+on the same training split (``eval.baselines``, when scikit-learn is installed),
+forgetting, trainable parameters, wall time).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from chatforge.config import ClassifyConfig
 from chatforge.data.records import field_of, iter_records
 from chatforge.errors import ChatforgeError, DataError
+from chatforge.eval.baselines import tfidf_logreg
 from chatforge.eval.metrics import classification_report, format_confusion
 from chatforge.finetune.common import ShuffledBatches
 from chatforge.model.gpt import GPT, GPTConfig
@@ -135,8 +138,13 @@ def build(ctx: StageContext) -> StageParts:
                                        labels)
         metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
                    "majority_baseline": report["majority_baseline"], "test_loss": test_loss}
+        pairs = {split: [(text, label) for _, text, label in r] for split, r in rows.items()}
+        classical = tfidf_logreg(pairs["train"], pairs["test"], pairs.get("val", ()), labels, seed=f.seed)
+        if classical["available"]:
+            metrics.update(tfidf_logreg_accuracy=classical["accuracy"], tfidf_logreg_macro_f1=classical["macro_f1"])
         details = {"labels": labels, "majority_label": report["majority_label"], "confusion": report["confusion"],
-                   "per_label": report["per_label"]}
+                   "per_label": report["per_label"], "tfidf_logreg": {k: v for k, v in classical.items()
+                                                                      if k not in ("accuracy", "macro_f1")}}
         return StageTest(metrics=metrics, primary="test_accuracy", details=details,
                          files={"confusion.txt": format_confusion(report) + "\n"})
 

@@ -6,8 +6,10 @@ template, pack conversations into full blocks with attention kept inside each
 so the model learns to end its turn. Evaluation: loss on held-out assistant
 tokens during training; at the end, held-out prompts are answered by greedy
 generation (the same template and stop tokens as ``chatforge chat``) and scored
-by BLEU/chrF against the references and, where the data carries an order record,
-by whether the answer states the record's order status.
+by BLEU/chrF against the references, where the data carries an order record by
+whether the answer states the record's order status, and, on SupportWorld data, by
+SupportWorld's checks (``chatforge.eval.checks``: status, order number, name, intent
+handled, no other customer's data, turn ended).
 
 Writes under ``runs/<run>/finetune/<stage>/``: ``ckpt/``, ``model/`` (LoRA merged),
 ``eval.json`` and ``answers.jsonl`` (prompt, reference, generated answer, checks).
@@ -22,17 +24,16 @@ from torch import nn
 
 from chatforge.chat.batching import ChatBatches, chat_loss, eval_batches
 from chatforge.chat.data import iter_conversations, load_chat_examples
-from chatforge.chat.template import parse_assistant, prompt_messages, render_prompt, stop_token_ids
+from chatforge.chat.template import prompt_messages, render_prompt
 from chatforge.config import ChatTuneConfig
 from chatforge.data.records import iter_records
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, DataError
+from chatforge.eval.checks import CHECKS, SupportChecks, is_support_row, summarize, support_turn
+from chatforge.eval.generation import answer_prompts
 from chatforge.eval.metrics import bleu_chrf
-from chatforge.model.generate import generate
 from chatforge.model.gpt import GPT
 from chatforge.train.loop import TrainResult
 from chatforge.train.stage import StageContext, StageParts, StageTest
-
-GEN_BATCH = 16
 
 
 def status_stated(record: Any, answer: str) -> bool | None:
@@ -45,29 +46,14 @@ def status_stated(record: Any, answer: str) -> bool | None:
     return status.replace("_", " ").lower() in answer.lower()
 
 
-def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dict[str, Any]]]],
-                   max_new_tokens: int, device: torch.device) -> list[str | None]:
-    """Greedy answers to the conversations' last prompts (None where the prompt does not fit the context)."""
-    stops = stop_token_ids(tok)
-    prompts = [render_prompt(msgs, tok, where) for where, msgs in conversations]
-    limit = model.config.block_size - max_new_tokens
-    answers: list[str | None] = [None] * len(prompts)
-    fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
-    for k in range(0, len(fits), GEN_BATCH):
-        chunk = fits[k:k + GEN_BATCH]
-        outs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=0.0, stop_tokens=stops,
-                        device=device)
-        for i, ids in zip(chunk, outs):
-            answers[i] = parse_assistant(ids, tok)
-    return answers
-
-
 def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_tokens: int, device: torch.device
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answer ``n`` held-out prompts of ``source`` by greedy decoding and score them: BLEU/chrF
     against the references, and, for prompts whose reference answer states the order
     status of the conversation's record, whether the generated answer states it too.
-    Half of the prompts are such status questions (when the data has them), half the rest."""
+    Half of the prompts are such status questions (when the data has them), half the rest.
+    SupportWorld rows whose prompt is the main support question (no follow-up turn) also get
+    SupportWorld's checks (``eval.checks``): ``check_*`` rates and the report in ``checks``."""
     limit = model.config.block_size - max_new_tokens
     status_pool, other_pool = [], []
     for (where, msgs), (_, rec) in zip(iter_conversations(source), iter_records(source)):
@@ -77,7 +63,7 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
         checkable = status_stated(record, msgs[-1]["content"]) is True
         pool = status_pool if checkable else other_pool
         if len(pool) < n and len(render_prompt(msgs, tok, where)) <= limit:
-            pool.append((where, msgs, record if checkable else None))
+            pool.append((where, msgs, record if checkable else None, rec))
         if len(status_pool) >= n and len(other_pool) >= n:
             break
     k = min(len(status_pool), (n + 1) // 2)
@@ -85,19 +71,29 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     chosen += status_pool[k:k + n - len(chosen)]
     was_training = model.training
     model.eval()
-    answers = answer_prompts(model, tok, [(w, m) for w, m, _ in chosen], max_new_tokens, device)
+    answers = answer_prompts(model, tok, [(w, m) for w, m, _, _ in chosen], max_new_tokens, device)
     model.train(was_training)
     rows, hyps, refs, checks = [], [], [], []
-    for (where, msgs, record), ans in zip(chosen, answers):
+    verdicts: list[tuple[str, dict[str, bool | None]]] = []
+    support: SupportChecks | None = None
+    for (where, msgs, record, rec), ans in zip(chosen, answers):
         ref = msgs[-1]["content"]
-        row = {"where": where, "prompt": prompt_messages(msgs), "reference": ref, "answer": ans}
+        row = {"where": where, "prompt": prompt_messages(msgs), "reference": ref,
+               "answer": ans.text if ans is not None else None}
         if ans is not None:
-            hyps.append(ans)
+            hyps.append(ans.text)
             refs.append(ref)
             if record is not None:
                 row["status"] = record["status"]
-                row["status_stated"] = bool(status_stated(record, ans))
+                row["status_stated"] = bool(status_stated(record, ans.text))
                 checks.append(row["status_stated"])
+            if is_support_row(rec) and support_turn(rec) == len(msgs) - 1:
+                try:
+                    support = support or SupportChecks.for_data(source)
+                    row["checks"] = support.check(rec, ans.text, ans.ended)
+                    verdicts.append((rec["intent"], row["checks"]))
+                except DataError as e:  # records of another shape: not SupportWorld data
+                    row["checks_error"] = str(e)
         rows.append(row)
     metrics: dict[str, Any] = {"generated": len(hyps)}
     if hyps:
@@ -105,6 +101,13 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     if checks:
         metrics["status_correct"] = sum(checks) / len(checks)
         metrics["status_checked"] = len(checks)
+    if verdicts:
+        report = summarize(verdicts)
+        metrics["checks"] = report
+        metrics["checked"] = report["answers"]
+        for name in (*CHECKS, "all"):
+            if report["checks"][name]["n"]:
+                metrics[f"check_{name}"] = report["checks"][name]["rate"]
     return metrics, rows
 
 
@@ -136,9 +139,10 @@ def build(ctx: StageContext) -> StageParts:
 
     def test(m: nn.Module, result: TrainResult) -> StageTest:
         gen, rows = evaluate_generation(m, tok, ctx.sources["test"], f.eval_generate, f.max_new_tokens, device)
-        metrics = {f"test_{k}" if k in ("bleu", "chrf", "status_correct") else k: v for k, v in gen.items()
-                   if not isinstance(v, str)}
-        details = {k: v for k, v in gen.items() if isinstance(v, str)}  # the sacrebleu signature
+        metrics = {f"test_{k}" if k in ("bleu", "chrf", "status_correct") or k.startswith("check_") else k: v
+                   for k, v in gen.items() if isinstance(v, int | float)}
+        # the sacrebleu signature; the checks' report (per check and intent, with 95% intervals)
+        details = {k: v for k, v in gen.items() if not isinstance(v, int | float)}
         # the order-status check where the data has records, else chrF, else the held-out loss
         primary = next((k for k in ("test_status_correct", "test_chrf") if k in metrics), "val_loss")
         return StageTest(metrics=metrics, primary=primary, details=details, files={"answers.jsonl": rows})

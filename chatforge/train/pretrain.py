@@ -3,7 +3,8 @@
 Writes under ``runs/<name>/pretrain/``: ``ckpt/step_N/`` (resumable checkpoints),
 ``model/`` (the final weights + config + tokenizer, what later stages load),
 ``metrics.jsonl`` and ``eval.json`` (held-out loss, perplexity, bits per byte,
-against the unigram baseline, and samples). ``pretrain.init_from`` continues from
+against the unigram baseline, the in-context copying probes of ``eval.probe``, and
+samples). ``pretrain.init_from`` continues from
 a model (e.g. mid-training) instead of a fresh one; the harness
 (``train.stage``) does the shared work.
 """
@@ -22,6 +23,7 @@ from chatforge.data.loader import TokenLoader, iter_eval_blocks
 from chatforge.data.shard import open_shard, split_files
 from chatforge.errors import ChatforgeError
 from chatforge.eval.lm import evaluate_lm, token_byte_lengths, unigram_baseline
+from chatforge.eval.probe import probe
 from chatforge.model.generate import generate
 from chatforge.train.dist import DistInfo
 from chatforge.train.loop import TrainResult
@@ -103,7 +105,9 @@ def build(ctx: StageContext) -> StageParts:
 
     def test(m: nn.Module, result: TrainResult) -> StageTest:
         baseline = unigram_baseline(train_files, val_files, tokenizer.vocab_size, token_bytes)
-        return StageTest(metrics=dict(baseline), primary="val_ppl", details={"samples": result.samples})
+        # the copy and record-lookup probes: whether SFT can expect the model to read its context
+        return StageTest(metrics={**baseline, **probe(m, tokenizer, seed=t.seed)}, primary="val_ppl",
+                         details={"samples": result.samples})
 
     c = model.config
     ctx.say(f"pretrain: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
