@@ -12,12 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SETS = ["supportworld.corpus_mb=0.6", "supportworld.n_reviews=300", "supportworld.n_conversations=200",
+SETS = ["supportworld.corpus_mb=0.6", "supportworld.n_reviews=1500", "supportworld.n_conversations=600",
         "supportworld.n_translations=200", "supportworld.n_products=60", "supportworld.n_customers=80",
         "tokenizer.vocab_size=1024", "pretrain.max_steps=150", "pretrain.eval_every=75",
         "pretrain.checkpoint_every=75", "sft.max_steps=40", "sft.eval_every=0", "sft.eval_generate=8",
         "sft.max_new_tokens=32", "translate.max_steps=40", "translate.eval_every=0", "translate.eval_generate=8",
-        "sentiment.max_steps=200", "sentiment.eval_every=0", "intent.max_steps=200", "intent.eval_every=0",
+        "sentiment.max_steps=150", "sentiment.eval_every=0", "intent.max_steps=200", "intent.eval_every=0",
         "tagging.max_steps=250", "tagging.eval_every=0"]
 STAGES = ["supportworld", "collect", "clean", "tokenizer", "shard", "pretrain", "sft", "sentiment", "intent",
           "translate", "tagging"]
