@@ -46,9 +46,9 @@ from _common import (
     timed,
 )
 
+from chatforge.device import resolve_precision
 from chatforge.model import GPT, generate
 from chatforge.serve.engine import Engine, SamplingParams
-from chatforge.train.precision import resolve_precision
 
 DEFAULT = Shape(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096, batch_size=1)
 QUICK = Shape(n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, batch_size=1)

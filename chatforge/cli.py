@@ -226,8 +226,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.chat.repl import Sampling, chat_loop
+    from chatforge.device import resolve_device
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
@@ -242,9 +242,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from chatforge.device import resolve_device
     from chatforge.model.generate import generate, stream
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
     model, tok, _ = load_model(_model_dir(args), device)
@@ -270,9 +270,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from chatforge.device import resolve_device
     from chatforge.eval.lm import perplexity
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
@@ -321,8 +321,8 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
             console.print(format_report(report).split("\n\n")[0], markup=False, soft_wrap=True)
         return
 
+    from chatforge.device import resolve_device, resolve_precision
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
@@ -343,9 +343,9 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_probe(args: argparse.Namespace) -> None:
+    from chatforge.device import resolve_device
     from chatforge.eval.probe import copy_probe, lookup_probe
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
@@ -368,11 +368,11 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_prompt_classify(args: argparse.Namespace) -> None:
+    from chatforge.device import resolve_device
     from chatforge.eval.metrics import format_confusion
     from chatforge.finetune.classify import read_labelled
     from chatforge.finetune.prompting import DEFAULT_INSTRUCTION, prompt_classify
     from chatforge.train.checkpoint import load_model
-    from chatforge.train.precision import resolve_device
 
     device = resolve_device(args.device)
     model, tok, _ = load_model(_model_dir(args), device)

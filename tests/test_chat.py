@@ -486,8 +486,8 @@ def test_chat_batches_resume_exactly_inside_the_training_loop(tmp_path):
     import shutil
 
     from chatforge.config import TrainConfig
+    from chatforge.device import resolve_precision
     from chatforge.train import TrainTask, latest_checkpoint, train
-    from chatforge.train.precision import resolve_precision
 
     examples = [render(chat(k, reply_len=1 + k % 5), TOK) for k in range(12)]
 

@@ -10,6 +10,7 @@ import torch
 from serve_fixtures import ascii_model, save_tiny_model
 
 from chatforge.chat.template import render_prompt, stop_token_ids
+from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, generate
 from chatforge.serve import engine as engine_module
@@ -23,7 +24,6 @@ from chatforge.serve.engine import (
     SlotKVCache,
 )
 from chatforge.tokenizer.byte import ByteTokenizer
-from chatforge.train.precision import resolve_precision
 
 TOK = ByteTokenizer()
 

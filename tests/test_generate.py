@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model import (
     GPT,
@@ -23,7 +24,6 @@ from chatforge.model import (
     stream,
 )
 from chatforge.model.generate import SamplingRows, adjust_logits_rows, sample_rows
-from chatforge.train.precision import resolve_precision
 
 V = 40
 

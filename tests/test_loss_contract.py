@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 
 from chatforge.chat.batching import ChatBatches, chat_loss
 from chatforge.chat.template import render
+from chatforge.device import resolve_precision
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train.dist import DistInfo
 from chatforge.train.loop import LossOutput, accumulate_gradients, as_loss_output
-from chatforge.train.precision import resolve_precision
 
 TOK = ByteTokenizer()
 FP32 = resolve_precision("fp32", torch.device("cpu"))

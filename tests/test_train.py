@@ -16,6 +16,7 @@ import torch
 from helpers import make_run
 
 from chatforge.config import TrainConfig, load_config
+from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
@@ -23,7 +24,6 @@ from chatforge.train import NonFiniteLossError, TrainTask, latest_checkpoint, lo
 from chatforge.train.checkpoint import checkpoint_dirs
 from chatforge.train.loop import grad_accum_steps
 from chatforge.train.metrics_log import read_metrics
-from chatforge.train.precision import resolve_precision
 from chatforge.train.schedule import lr_multiplier
 
 CPU = torch.device("cpu")

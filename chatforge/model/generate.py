@@ -54,10 +54,10 @@ from typing import Any
 
 import torch
 
+from chatforge.device import Precision, resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.kv_cache import KVCache
-from chatforge.train.precision import Precision, resolve_precision
 
 __all__ = [
     "Generation",

@@ -93,8 +93,8 @@ def model_version(path: Path) -> str:
 
 def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
     """Load every model of ``settings`` onto its device, each with an (unstarted) engine."""
+    from chatforge.device import resolve_device
     from chatforge.train.checkpoint import WEIGHTS, load_model
-    from chatforge.train.precision import resolve_device
 
     if not settings.models:
         raise ChatforgeError("no models to serve: give at least one model directory")

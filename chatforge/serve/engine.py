@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from chatforge.chat.template import render_prompt, stop_token_ids
+from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model.generate import (
     SamplingRows,
@@ -65,7 +66,6 @@ from chatforge.model.generate import (
     sample_rows,
 )
 from chatforge.model.gpt import GPT
-from chatforge.train.precision import resolve_precision
 
 __all__ = [
     "Engine",

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from chatforge.config import TrainConfig
+from chatforge.device import Precision
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.flops import peak_flops
 from chatforge.model.gpt import make_adamw
@@ -55,7 +56,6 @@ from chatforge.train.checkpoint import (
 )
 from chatforge.train.dist import DistInfo, all_reduce_sum
 from chatforge.train.metrics_log import MetricsLog
-from chatforge.train.precision import Precision
 from chatforge.train.schedule import lr_multiplier
 
 

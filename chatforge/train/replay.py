@@ -24,12 +24,12 @@ from torch import nn
 
 from chatforge.data.loader import TokenLoader, iter_eval_blocks
 from chatforge.data.shard import split_files
+from chatforge.device import Precision
 from chatforge.errors import ChatforgeError
 from chatforge.eval.lm import evaluate_lm, token_byte_lengths
 from chatforge.model.gpt import GPT
 from chatforge.train.dist import DistInfo
 from chatforge.train.loop import LossFn, LossOutput, as_loss_output
-from chatforge.train.precision import Precision
 
 
 @dataclass

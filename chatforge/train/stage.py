@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from chatforge.config import FinetuneConfig, ModelConfig, RunConfig, TrainConfig
+from chatforge.device import Precision, resolve_device, resolve_precision
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.io import atomic_write, sha256_file, write_json, write_jsonl
 from chatforge.model.gpt import GPT, GPTConfig, param_groups
@@ -59,7 +60,6 @@ from chatforge.stages import StageDecl, data_sources, get_stage, resolve_parent
 from chatforge.train.checkpoint import load_model, model_version, save_model
 from chatforge.train.dist import DistInfo, dist_from_env, init_distributed
 from chatforge.train.loop import LossFn, TrainResult, TrainTask, seed_everything, train
-from chatforge.train.precision import Precision, resolve_device, resolve_precision
 from chatforge.train.replay import (
     PretrainData,
     WithReplay,
