@@ -13,7 +13,7 @@ from helpers import make_run
 
 from chatforge.chat.repl import Sampling, chat_loop
 from chatforge.config import load_config
-from chatforge.errors import ConfigError, DataError
+from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.finetune.classify import load_classifier
 from chatforge.finetune.sft import status_stated
 from chatforge.io import write_jsonl
@@ -348,3 +348,20 @@ def test_init_from_a_bad_value_names_the_field(base_run, tmp_path):
     with pytest.raises(ConfigError, match=r"sentiment.init_from: 'nope' is neither a stage of this run"):
         run_stage(cfg_for(base_run, *classify_sets(write_sentiment(tmp_path)), "sentiment.init_from=nope"),
                   "sentiment", progress=False)
+
+
+def test_init_from_a_model_directory_in_a_run_without_shards(base_run, tmp_path, capsys):
+    """A fresh run that only fine-tunes a model from elsewhere has no pre-training shards: the stage
+    trains and says forgetting is not measured (replay, which needs the shards, is a clear error)."""
+    model_dir = base_run / "r" / "pretrain" / "model"
+    data = classify_sets(write_sentiment(tmp_path), max_steps=5)
+    cfg = load_config(overrides=[*TINY, f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", "name=fresh", *data,
+                                 f"sentiment.init_from={json.dumps(str(model_dir))}"])
+    ev = run_stage(cfg, "sentiment", progress=False)
+    assert ev["parent"]["version"] == json.loads((model_dir / "config.json").read_text())["version"]
+    assert "pretrain_val_ppl_before" not in ev["metrics"]
+    assert "forgetting is not measured" in capsys.readouterr().out
+    with pytest.raises(ChatforgeError, match=r"no pre-training shards \(sentiment.replay is 0.2\)"):
+        run_stage(load_config(overrides=[*TINY, f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", "name=fresh",
+                                         *data, f"sentiment.init_from={json.dumps(str(model_dir))}",
+                                         "sentiment.replay=0.2"]), "sentiment", progress=False)

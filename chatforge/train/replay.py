@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from chatforge.data.loader import TokenLoader, iter_eval_blocks
-from chatforge.data.shard import split_files
+from chatforge.data.shard import SUMMARY_NAME, split_files
 from chatforge.device import Precision
 from chatforge.errors import ChatforgeError
 from chatforge.eval.lm import evaluate_lm, token_byte_lengths
@@ -41,7 +41,10 @@ class PretrainData:
 
     @classmethod
     def of(cls, data_dir: Path) -> PretrainData | None:
-        """The shards under ``data_dir``, or None when there are none."""
+        """The shards under ``data_dir``, or None when there are none (no ``shards.json``: e.g. a run
+        that fine-tunes a model from elsewhere with ``--init-from DIR``). A broken summary is an error."""
+        if not (Path(data_dir) / SUMMARY_NAME).is_file():
+            return None
         train, val = split_files(data_dir, "train"), split_files(data_dir, "val")
         return cls(train, val) if train and val else None
 
