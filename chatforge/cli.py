@@ -277,7 +277,12 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
     model, tok, _ = load_model(model_dir, device)
-    result = perplexity(model, tok, text=args.text, shards=args.shards, block_size=args.block_size,
+    shards = args.shards
+    if shards:  # a run's shards.json stands for its validation shards
+        from chatforge.data.shard import SUMMARY_NAME, split_files
+        shards = [f for s in shards for f in (split_files(Path(s).parent, "val") if Path(s).name == SUMMARY_NAME
+                                              else [s])]
+    result = perplexity(model, tok, text=args.text, shards=shards, block_size=args.block_size,
                         batch_size=args.batch_size, max_batches=args.max_batches, device=device,
                         text_field=args.text_field)
     result = {"model": str(model_dir), **result}
@@ -494,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ppl, "pretrain")
     src = ppl.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text source: file, directory or glob (.txt .md .jsonl .json .csv .parquet .html)")
-    src.add_argument("--shards", nargs="+", help="token shard files (.bin) written with this model's tokenizer")
+    src.add_argument("--shards", nargs="+", help="token shard files (.bin) written with this model's tokenizer, "
+                     "or a run's data/shards.json (its validation shards)")
     ppl.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/csv/parquet")
     ppl.add_argument("--block-size", type=int, default=None, help="default: the model's context length")
     ppl.add_argument("--batch-size", type=int, default=8)

@@ -104,6 +104,10 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert ppl.returncode == 0, ppl.stderr
     result = json.loads(ppl.stdout)
     assert result["val_ppl"] < report["unigram_ppl"] and result["model"] == str(Path("runs/other/pretrain/model"))
+    # the run's shards.json stands for its validation shards
+    summary = chatforge("eval", "perplexity", "--name", "other", "--shards", str(run / "data" / "shards.json"),
+                        "--json", cwd=tmp_path)
+    assert summary.returncode == 0 and json.loads(summary.stdout)["val_ppl"] == result["val_ppl"], summary.stderr
     checks = chatforge("eval", "checks", "--name", "other", "--limit", "3", "--max-new-tokens", "16", "--json",
                        cwd=tmp_path)
     assert checks.returncode == 0, checks.stderr
