@@ -107,7 +107,9 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     # the run's shards.json stands for its validation shards
     summary = chatforge("eval", "perplexity", "--name", "other", "--shards", str(run / "data" / "shards.json"),
                         "--json", cwd=tmp_path)
-    assert summary.returncode == 0 and json.loads(summary.stdout)["val_ppl"] == result["val_ppl"], summary.stderr
+    assert summary.returncode == 0, summary.stderr
+    same = json.loads(summary.stdout)  # the same tokens (two processes may round the bf16 sums differently)
+    assert same["val_tokens"] == result["val_tokens"] and same["val_ppl"] == pytest.approx(result["val_ppl"], rel=1e-4)
     checks = chatforge("eval", "checks", "--name", "other", "--limit", "3", "--max-new-tokens", "16", "--json",
                        cwd=tmp_path)
     assert checks.returncode == 0, checks.stderr
