@@ -340,7 +340,7 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
-    skipped = f"; {report['skipped']} skipped: prompt + {args.max_new_tokens} new tokens exceed the context" \
+    skipped = f"; {report['skipped']} skipped: the prompt leaves too little of the context for an answer" \
         if report["skipped"] else ""
     console.print(f"{model_dir}: SupportWorld checks on {report['answers']} greedy answers to {data}{skipped}",
                   markup=False, soft_wrap=True)
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--data", help="SupportWorld conversations (default: the run's supportworld/conversations/"
                                     "test.jsonl)")
     chk.add_argument("--limit", type=int, default=0, help="check the first N conversations (0 = all)")
-    chk.add_argument("--max-new-tokens", type=int, default=160,
+    chk.add_argument("--max-new-tokens", type=int, default=192,
                      help="generation limit (an answer cut there fails 'ended'; SupportWorld's answers are at most "
                           "150 tokens with the default tokenizer)")
     chk.add_argument("--answers", metavar="FILE", help="also write each answer with its checks to FILE (JSONL)")
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no model: score the data's own ranked candidate answers per quality (what the checks "
                           "catch)")
     chk.add_argument("--device", default="auto")
-    chk.add_argument("--dtype", default="auto", help="auto (bf16 where the device runs it natively), bf16, fp32")
+    chk.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs and AMX CPUs, else fp32), bf16, fp32")
     chk.add_argument("--json", action="store_true", help="print the report as JSON")
     chk.set_defaults(func=cmd_eval_checks)
 

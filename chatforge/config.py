@@ -30,6 +30,8 @@ class SupportWorldConfig:
 
     seed: int = 1337
     corpus_mb: float = 3.0  # size of the pre-training corpus (help articles + product pages)
+    record_notes: float = 0.0  # share of corpus_mb given to record notes (records + notes copying from them)
+    transcripts: float = 0.0  # share of corpus_mb given to support transcripts (training-split customers)
     n_products: int = 400
     n_customers: int = 600
     n_reviews: int = 6000
@@ -116,6 +118,7 @@ class ModelConfig:
     dropout: float = 0.0
     logit_softcap: float = 15.0  # > 0: logits = cap * tanh(logits / cap) (nanochat, Gemma 2)
     rope_theta: float = 10000.0
+    key_smear: bool = False  # each head's keys mix in the previous token's keys (Olsson et al. 2022); see model/gpt.py
 
 
 @dataclass
@@ -154,6 +157,14 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """Pre-training: ``TrainConfig`` plus the copy drill (``train/pretrain.py``)."""
+
+    copy_drill_warmup: float = 0.0  # share of max_steps, at the start, whose every row is a copy drill
+    copy_drill: float = 0.0  # after those, the share of each micro-batch's rows that are copy drills
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     """Fine-tuning from the pre-trained model: the training knobs plus data, adapters and forgetting."""
 
@@ -186,7 +197,7 @@ class ChatTuneConfig(FinetuneConfig):
 
     pack: bool = True  # pack short conversations into full blocks (attention stays inside each)
     eval_generate: int = 64  # held-out prompts answered by generation and scored (BLEU/chrF, task checks)
-    max_new_tokens: int = 96
+    max_new_tokens: int = 192  # SupportWorld answers run to ~140 tokens; capped by what the context leaves
 
 
 def _sft_defaults() -> ChatTuneConfig:
@@ -225,7 +236,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: ChatTuneConfig = field(default_factory=_sft_defaults)  # SupportWorld support conversations
     translate: ChatTuneConfig = field(default_factory=_translate_defaults)  # SupportWorld EN -> ES
     sentiment: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld reviews
@@ -246,10 +257,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No QK-norm: parameter-free QK-norm bounds every attention logit by sqrt(head_dim), too flat
     # for a head to pick one token (the order's status) out of a ~300-token record; without it
     # the tiny chat model learns that lookup (held-out status accuracy 67% vs 44% with QK-norm,
-    # same steps). No logit soft-cap either, so the model still exports exactly to a Llama-style
-    # transformers model. 4 heads of 32 learn the lookup, 2 heads of 64 did not (44%). SFT gets
+    # same steps). No logit soft-cap either. 4 heads of 32 learn the lookup, 2 heads of 64 did not (44%). SFT gets
     # 1000 steps at the pre-training LR: the lookup only forms after ~500.
-    "tiny": {"supportworld.corpus_mb": 3.0, "tokenizer.vocab_size": 4096,
+    # A third of the corpus is text that must be read against a record: support transcripts of
+    # training-split customers (25%) and record notes (10%), so pre-training already practises
+    # the reading SFT needs and the tokenizer learns the chat's words (" Liam" is one token,
+    # not " L" "i" "am"). Quoting the customer's name and order number needs in-context copying
+    # (an induction head), which the tiny model forms only with smeared keys, tied embeddings
+    # and copy drills together (the first 20% of steps all drills, then a quarter of each batch's rows): the
+    # copy probe goes from 1.0 to ~0.2 and held-out name checks from 2% to ~99%. Smeared keys
+    # have no Hugging Face equivalent, so this preset's models do not export to transformers.
+    "tiny": {"supportworld.corpus_mb": 3.0, "supportworld.record_notes": 0.1, "supportworld.transcripts": 0.25,
+             "model.tie_embeddings": True, "model.key_smear": True,
+             "pretrain.copy_drill_warmup": 0.2, "pretrain.copy_drill": 0.25,
+             "tokenizer.vocab_size": 4096,
              "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 512,
              "model.qk_norm": False, "model.logit_softcap": 0.0,
              "pretrain.batch_size": 4, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
@@ -486,6 +507,9 @@ def validate(cfg: RunConfig) -> None:
             validate_finetune(section, name)
         else:
             validate_train(section, name)
+        if isinstance(section, PretrainConfig):
+            _check(0 <= section.copy_drill < 1, f"{name}.copy_drill", "must be in [0, 1) (a share of each batch's rows)")
+            _check(0 <= section.copy_drill_warmup < 1, f"{name}.copy_drill_warmup", "must be in [0, 1) (a share of max_steps)")
         if isinstance(section, ChatTuneConfig):
             _check(section.eval_generate >= 0, f"{name}.eval_generate", "must be >= 0")
             _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")

@@ -296,8 +296,11 @@ def test_stats_count_steps_and_tokens(model):
     assert s["running"] == s["waiting"] == 0 and s["max_batch"] == 4
 
 
-def test_slot_cache_decode_equals_full_forward(model):
-    """Rows of different lengths, moved between slots, decode as if alone."""
+@pytest.mark.parametrize("key_smear", [False, True])
+def test_slot_cache_decode_equals_full_forward(model, key_smear):
+    """Rows of different lengths, moved between slots, decode as if alone (with smeared keys the slot
+    keeps each row's last raw keys, and a move carries them)."""
+    model = tiny_model(key_smear=True) if key_smear else model
     cache = SlotKVCache.for_model(model, 3)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
     with torch.no_grad():

@@ -55,7 +55,8 @@ PROMPTS = [[3, 17, 5, 9, 1, 22, 8], [4], [30, 2, 11]]
 # --------------------------------------------------------------------------- cache == recompute
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "tie_embeddings": True}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "tie_embeddings": True}, {"key_smear": True},
+                                {"key_smear": True, "n_kv_head": 2}])
 def test_cached_logits_equal_full_recomputation_batched_left_padded(kw):
     model = randomized(**kw)
     fed = [[7, 1, 33], [12, 12, 0], [5, 6, 7]]  # tokens fed after each prompt
@@ -77,9 +78,10 @@ def test_cached_logits_equal_full_recomputation_batched_left_padded(kw):
     assert cache.pos == T0 + 3 and cache.seen.tolist() == [len(p) + 3 for p in PROMPTS]
 
 
-def test_chunked_prefill_after_a_prefix_equals_full():
+@pytest.mark.parametrize("kw", [{}, {"key_smear": True}])
+def test_chunked_prefill_after_a_prefix_equals_full(kw):
     """Several tokens fed into a non-empty cache (the prefix + causal mask path)."""
-    model = randomized()
+    model = randomized(**kw)
     seq = torch.tensor([[3, 17, 5, 9, 1, 22, 8, 0, 14, 2]])
     cache = KVCache.for_model(model, 1, 10)
     with torch.no_grad():
@@ -90,7 +92,7 @@ def test_chunked_prefill_after_a_prefix_equals_full():
         model(seq[:, :1], kv_cache=cache)
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"key_smear": True}])
 def test_greedy_generate_equals_naive_recomputation(kw):
     model = randomized(seed=3, **kw)
     out = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, dtype="fp32")

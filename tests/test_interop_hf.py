@@ -83,3 +83,9 @@ def test_softcap_without_qk_norm_is_refused() -> None:
     with pytest.raises(ConfigError, match="logit_softcap"):
         hf_config(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_embd=32, n_head=2, qk_norm=False,
                             logit_softcap=30.0))
+
+
+def test_smeared_keys_are_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="key_smear"):
+        hf_config(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_embd=32, n_head=2, qk_norm=False,
+                            key_smear=True))

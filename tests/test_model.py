@@ -69,7 +69,7 @@ def test_fresh_init_predicts_uniform():
     assert loss.item() == pytest.approx(torch.log(torch.tensor(float(V))).item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"tie_embeddings": True}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"tie_embeddings": True}, {"key_smear": True}])
 def test_causality_future_tokens_do_not_change_past(kw):
     model = randomized(tiny_config(**kw))
     x = tokens(2, 12)
@@ -118,8 +118,9 @@ def test_tied_embeddings_share_storage_and_are_saved_once():
     assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
 
 
-def test_doc_ids_keep_attention_inside_each_document():
-    model = randomized(tiny_config())
+@pytest.mark.parametrize("key_smear", [False, True])
+def test_doc_ids_keep_attention_inside_each_document(key_smear):
+    model = randomized(tiny_config(key_smear=key_smear))
     doc1, doc2 = tokens(1, 5, seed=2), tokens(1, 7, seed=3)
     packed = torch.cat([doc1, doc2], dim=1)
     doc_ids = torch.tensor([[0] * 5 + [1] * 7])
@@ -145,14 +146,36 @@ def test_explicit_block_diagonal_attn_mask_equals_doc_ids_mask():
         model(x, attn_mask=block.float())
 
 
-def test_padding_mask_left_padded_row_equals_row_alone():
-    model = randomized(tiny_config())
+@pytest.mark.parametrize("key_smear", [False, True])
+def test_padding_mask_left_padded_row_equals_row_alone(key_smear):
+    model = randomized(tiny_config(key_smear=key_smear))
     row = tokens(1, 6, seed=4)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     out, _ = model(padded, padding_mask=mask)
     assert torch.isfinite(out).all()  # pad queries attend to themselves, never an empty row
     torch.testing.assert_close(out[:, 3:], model(row)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_smeared_keys_start_half_mixed_and_read_the_previous_token():
+    torch.manual_seed(0)
+    fresh = GPT(tiny_config(key_smear=True))
+    assert all(float(b.attn.key_smear.detach().abs().max()) == 0.0 for b in fresh.blocks)  # sigmoid(0) = 1/2
+    plain = randomized(tiny_config())
+    smeared = GPT(tiny_config(key_smear=True))
+    missing = smeared.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.attn.key_smear" for i in range(2)]
+    smeared.eval()
+    x = tokens(2, 10)
+    with torch.no_grad():
+        for b in smeared.blocks:
+            b.attn.key_smear.fill_(30.0)  # a = 1: own keys only, the plain model
+        torch.testing.assert_close(smeared(x)[0], plain(x)[0])
+        for b in smeared.blocks:
+            b.attn.key_smear.fill_(-30.0)  # a = 0: the previous token's key
+        out = smeared(x)[0]
+    assert not torch.allclose(out, plain(x)[0], atol=1e-3)
+    torch.testing.assert_close(out[:, 0], plain(x)[0][:, 0])  # the first token has no predecessor: its own key
 
 
 def test_loss_ignores_minus_one_targets_and_masked_positions():

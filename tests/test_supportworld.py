@@ -433,3 +433,60 @@ def test_system_message_shows_every_fact_of_the_record(default_world):
             shown.append(fmt_money(r["cart_subtotal"]))
         missing = [s for s in shown if s not in system]
         assert not missing, f"{conv.id}: {missing} not in the system message:\n{system}"
+
+
+def test_record_notes_copy_their_facts_from_the_record_and_only_for_training_customers():
+    from chatforge.data.supportworld.notes import record_notes
+
+    world = w.make_world(7, 40, 60, 0.2, 0.2)
+    train_ids = {c.id for c in world.customers_in("train")}
+    docs = record_notes(world, 7, 20_000)
+    assert sum(len(d["text"].encode()) for d in docs) >= 20_000 and len(docs) > 5
+    for d in docs:
+        record, notes = d["text"].split("\n\n", 1)
+        customer = re.search(r"^Customer (\S+) (\S+) \((C\d+)\)", record, re.M)
+        assert customer and customer.group(3) in train_ids  # no held-out customer's record before evaluation
+        first, last = customer.group(1), customer.group(2)
+        assert f"Spoke with {first} {last} about order" in notes and f"Reply sent to {first}:" in notes
+        # every order number and status the notes state is the record's
+        orders = dict(re.findall(r"^Order (SW-\d{7}): ([a-z ]+);", record, re.M))
+        for number, status in re.findall(r"order (SW-\d{7}),? (?:which )?is ([a-z ]+?)[.;]", notes):
+            assert orders[number] == status, (number, d["text"])
+        assert set(re.findall(r"SW-\d{7}", notes)) <= set(orders)
+
+
+def test_record_notes_take_their_share_of_the_corpus(tmp_path):
+    out = generate(SupportWorldConfig(corpus_mb=0.2, n_products=40, n_customers=60, n_reviews=50,
+                                      n_conversations=30, n_translations=30, record_notes=0.25), tmp_path)
+    rows = [json.loads(line) for line in out["corpus"].read_text().splitlines()]
+    share = sum(len(r["text"].encode()) for r in rows if r["source"] == "supportworld/notes") / \
+        sum(len(r["text"].encode()) for r in rows)
+    assert 0.2 < share < 0.3
+    positions = [i for i, r in enumerate(rows) if r["source"] == "supportworld/notes"]
+    assert positions[0] < len(rows) / 4 and positions[-1] > 3 * len(rows) / 4  # spread through the corpus
+    with pytest.raises(ConfigError, match=r"supportworld.record_notes: 1.0 must be in \[0, 1\)"):
+        generate(SupportWorldConfig(record_notes=1.0), tmp_path / "bad")
+
+
+def test_support_transcripts_are_training_customers_conversations_as_text(tmp_path):
+    from chatforge.data.supportworld.notes import support_transcripts
+
+    world = w.make_world(7, 40, 60, 0.2, 0.2)
+    train_ids = {c.id for c in world.customers_in("train")}
+    docs = support_transcripts(world, 7, 20_000)
+    assert sum(len(d["text"].encode()) for d in docs) >= 20_000 and len(docs) > 5
+    for d in docs:
+        assert d["text"].startswith("Support chat. Record:\n")
+        customer = re.search(r"^Customer (\S+) (\S+) \((C\d+)\)", d["text"], re.M)
+        assert customer and customer.group(3) in train_ids
+        assert "\n\nCustomer: " in d["text"] and "\n\nAgent: " in d["text"]
+    # both shares together, spread through the corpus; the rest stays help and product pages
+    out = generate(SupportWorldConfig(corpus_mb=0.2, n_products=40, n_customers=60, n_reviews=50,
+                                      n_conversations=30, n_translations=30, record_notes=0.1, transcripts=0.3),
+                   tmp_path)
+    rows = [json.loads(line) for line in out["corpus"].read_text().splitlines()]
+    size = {s: sum(len(r["text"].encode()) for r in rows if r["source"] == s) for s in {r["source"] for r in rows}}
+    total = sum(size.values())
+    assert 0.25 < size["supportworld/transcripts"] / total < 0.35 and 0.05 < size["supportworld/notes"] / total < 0.15
+    with pytest.raises(ConfigError, match=r"record_notes \+ supportworld.transcripts = 1.1 must be < 1"):
+        generate(SupportWorldConfig(record_notes=0.5, transcripts=0.6), tmp_path / "bad")

@@ -330,3 +330,72 @@ def test_pretrain_config_errors_name_the_field():
         load_config(overrides=["pretrain.batch_size=0"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.depht'.*did you mean 'model.depth'"):
         load_config(overrides=["model.depht=3"])
+
+
+@pytest.mark.parametrize("flags, fast", [({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, True),
+                                         ({"avx2", "avx512f", "avx512_bf16"}, False), ({"avx2"}, False)])
+def test_auto_precision_picks_bf16_on_cpu_only_with_amx(monkeypatch, flags, fast):
+    import chatforge.device as dev
+
+    monkeypatch.setattr(dev, "cpu_flags", lambda: flags)
+    assert dev.cpu_has_fast_bf16() is fast
+    assert dev.resolve_precision("auto", torch.device("cpu")).name == ("bf16" if fast else "fp32")
+    assert dev.resolve_precision("bf16", torch.device("cpu")).name == "bf16"  # forcing it still works
+
+
+def test_copy_drill_rows_show_random_segments_twice_and_train_only_on_what_copying_predicts():
+    from chatforge.train.pretrain import CopyDrill
+
+    block = 300
+    drill = CopyDrill(torch.arange(10, 200), bos_id=1, block=block, seed=3)
+    x, y = drill.rows(3, batch_index=5)
+    assert x.shape == y.shape == (3, block)
+    assert ((x >= 10) & (x < 200)).all()
+    lags = range(CopyDrill.MIN_SEGMENT, CopyDrill.MAX_SEGMENT + 1)
+    for k in range(3):
+        seq = torch.cat([x[k], y[k, -1:]])
+        learned = (y[k] != -1).nonzero().flatten().tolist()
+        assert 0.3 < len(learned) / block < 0.5  # about half: the second copies, less their first tokens
+        for i in learned:
+            assert y[k, i] == seq[i + 1]
+            # copying predicts it: the token and the one before it occurred together one segment back
+            assert any(i - lag >= 0 and seq[i + 1] == seq[i + 1 - lag] and seq[i] == seq[i - lag] for lag in lags)
+        # the first copy of each segment is never a target: the row's first 16 targets are masked
+        assert (y[k, :CopyDrill.MIN_SEGMENT] == -1).all()
+    again, _ = drill.rows(3, batch_index=5)
+    other, _ = drill.rows(3, batch_index=6)
+    assert torch.equal(x, again) and not torch.equal(x, other)  # a function of (seed, batch): resumable
+
+
+def test_copy_drill_settings_are_validated():
+    with pytest.raises(ConfigError, match=r"pretrain.copy_drill"):
+        load_config(overrides=["pretrain.copy_drill=1.0"])
+    with pytest.raises(ConfigError, match=r"pretrain.copy_drill_warmup"):
+        load_config(overrides=["pretrain.copy_drill_warmup=1.5"])
+
+
+def test_drill_batches_come_first_as_short_rows_then_mix_into_corpus_batches():
+    from chatforge.train.pretrain import CopyDrill, _DeviceBatches
+
+    class Loader:
+        def __next__(self):
+            x = torch.full((4, 256), 7)
+            return x, x.clone()
+
+        def state_dict(self):
+            return {"position": 0}
+
+        def load_state_dict(self, state):
+            assert state == {"position": 0}
+
+    drill = CopyDrill(torch.arange(10, 200), bos_id=1, block=256, seed=0)
+    batches = _DeviceBatches(Loader(), torch.device("cpu"), drill, drill_rows=1, drill_batches=2)
+    for _ in range(2):  # warm-up: every row a drill, as rows of CHUNK tokens (same token count)
+        x, y = next(batches)
+        assert x.shape == (4 * 256 // CopyDrill.CHUNK, CopyDrill.CHUNK) and not (x == 7).any()
+    x, y = next(batches)  # then corpus batches whose last row is a drill
+    assert x.shape == (4, 256) and (x[:3] == 7).all() and not (x[3] == 7).any()
+    state = batches.state_dict()
+    assert state["batches_served"] == 3
+    batches.load_state_dict(state)
+    assert batches.batches == 3

@@ -771,7 +771,8 @@ def support_rows(source: str | Path, limit: int = 0) -> list[dict[str, Any]]:
 def evaluate_checks(model: Any, tok: Any, rows: Sequence[dict[str, Any]], checks: SupportChecks,
                     max_new_tokens: int, device: Any, batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
     """Greedy answers of ``model`` to each row's main question, checked: ``(report, per-row results)``.
-    Prompts that do not fit the context with ``max_new_tokens`` are skipped (counted in the report).
+    Each answer gets ``max_new_tokens`` or what the context leaves; prompts that leave fewer than
+    ``eval.generation.MIN_ROOM`` tokens are skipped (counted in the report).
     Rows are generated in order of prompt length (less padding); the results keep the rows' order."""
     from chatforge.chat.template import render_prompt
     from chatforge.eval.generation import answer_prompts
@@ -794,7 +795,7 @@ def evaluate_checks(model: Any, tok: Any, rows: Sequence[dict[str, Any]], checks
         out = {"id": row.get("id"), "intent": row["intent"], "question": prompt[-1]["content"],
                "reference": reference, "answer": a.text if a else None}
         if a is None:
-            out["skipped"] = f"the prompt does not fit the context with {max_new_tokens} new tokens"
+            out["skipped"] = "the prompt leaves too little of the context for an answer"
         else:
             why = checks.explain(row, a.text, a.ended)
             out["checks"] = {k: (not v) if v is not None else None for k, v in why.items()}

@@ -27,19 +27,26 @@ class Answer:
     tokens: int  # new tokens, the stop token not counted
 
 
+MIN_ROOM = 32  # fewest new tokens a prompt must leave room for to be answered
+
+
 def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dict[str, Any]]]],
                    max_new_tokens: int, device: torch.device, batch_size: int = GEN_BATCH) -> list[Answer | None]:
     """Greedy answers to the conversations' last prompts (a trailing assistant message, the reference,
-    is left out), in batches; None where the prompt plus ``max_new_tokens`` does not fit the context."""
+    is left out), in batches of similar length. Each answer gets ``max_new_tokens`` or what the context
+    leaves after its prompt, whichever is less (an answer cut there has ``ended`` False); None where
+    the prompt leaves fewer than ``MIN_ROOM`` tokens."""
     stops = stop_token_ids(tok)
     prompts = [render_prompt(msgs, tok, where) for where, msgs in conversations]
-    limit = model.config.block_size - max_new_tokens
+    block = model.config.block_size
     answers: list[Answer | None] = [None] * len(prompts)
-    fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    fits = sorted((i for i, p in enumerate(prompts) if block - len(p) >= min(MIN_ROOM, max_new_tokens)),
+                  key=lambda i: len(prompts[i]))
     for k in range(0, len(fits), batch_size):
         chunk = fits[k:k + batch_size]
-        outs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=0.0, stop_tokens=stops,
+        room = min(max_new_tokens, block - max(len(prompts[i]) for i in chunk))
+        outs = generate(model, [prompts[i] for i in chunk], room, temperature=0.0, stop_tokens=stops,
                         device=device)
         for i, ids in zip(chunk, outs):
-            answers[i] = Answer(parse_assistant(ids, tok), len(ids) < max_new_tokens, len(ids))
+            answers[i] = Answer(parse_assistant(ids, tok), len(ids) < room, len(ids))
     return answers

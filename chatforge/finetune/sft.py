@@ -29,7 +29,7 @@ from chatforge.config import ChatTuneConfig
 from chatforge.data.records import iter_records
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.eval.checks import CHECKS, SupportChecks, is_support_row, summarize, support_turn
-from chatforge.eval.generation import answer_prompts
+from chatforge.eval.generation import MIN_ROOM, answer_prompts
 from chatforge.eval.metrics import bleu_chrf
 from chatforge.model.gpt import GPT
 from chatforge.train.loop import TrainResult
@@ -54,7 +54,7 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     Half of the prompts are such status questions (when the data has them), half the rest.
     SupportWorld rows whose prompt is the main support question (no follow-up turn) also get
     SupportWorld's checks (``eval.checks``): ``check_*`` rates and the report in ``checks``."""
-    limit = model.config.block_size - max_new_tokens
+    limit = model.config.block_size - min(MIN_ROOM, max_new_tokens)  # answer_prompts' rule
     status_pool, other_pool = [], []
     for (where, msgs), (_, rec) in zip(iter_conversations(source), iter_records(source)):
         if not msgs or msgs[-1].get("role") != "assistant" or not prompt_messages(msgs):

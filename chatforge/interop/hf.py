@@ -51,6 +51,11 @@ def hf_config(config: GPTConfig, bos_token_id: int | None = None, eos_token_id: 
     Token ids default to None: HF's own defaults (e.g. eos=1) are another tokenizer's
     and would make ``generate()`` stop on an ordinary token.
     """
+    if config.key_smear:
+        raise ConfigError(
+            "GPTConfig.key_smear: each key mixes in the previous token's key (smeared keys), which no Hugging "
+            "Face Llama/NanoChat model class has; train with model.key_smear=false to export"
+        )
     tf = _transformers()
     common = dict(
         vocab_size=config.vocab_size,

@@ -31,8 +31,8 @@ and top-p do not apply). Its log-probabilities are, by convention, those of the
 penalised logits at temperature 1: the model's own probability of the chosen
 token, not 0.
 
-Precision: ``dtype="auto"`` runs the forward under bf16 autocast where the device
-runs bf16 natively (``resolve_precision``), "fp32" forces fp32 (even inside a
+Precision: ``dtype="auto"`` runs the forward under bf16 autocast where that is
+faster (GPUs, AMX CPUs: ``resolve_precision``), "fp32" forces fp32 (even inside a
 caller's autocast). The LM head, the logits and the log-probabilities are always
 fp32: a bf16 head would round every logit by up to ~0.4%, noise that an RL
 importance ratio exp(logp_new - logp_old) would see. The decode loop runs under

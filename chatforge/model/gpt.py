@@ -21,6 +21,14 @@ Choices, and why:
   an untied LM head starts at zero (uniform predictions, loss = ln V at step 0).
 - Optional logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2, modded-nanogpt);
   off by default so logits stay plain and exportable.
+- Optional smeared keys (Olsson et al. 2022, "In-context learning and induction heads"):
+  each head's key is ``a * k_t + (1 - a) * k_{t-1}`` with a learned ``a = sigmoid(w)``
+  per key head. A key then says which token came *before* position t, so one head can
+  do what an induction head does (find where the current token occurred, read what
+  followed) instead of two composing layers. Measured on the tiny shape with tied
+  embeddings, on drills whose repeat distance varies: copying formed within ~150 steps
+  with smeared keys and not at all in 150 without. The mix never reaches across a
+  document or padding boundary; the KV cache keeps each layer's last raw key.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class GPTConfig:
     qk_norm: bool = True
     dropout: float = 0.0
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    key_smear: bool = False  # smeared keys: each key mixes in the previous token's key (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -199,13 +208,25 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(c, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(c, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, c, bias=False)
+        # logit of a per key head; sigmoid(0) = half the own key, half the previous token's
+        self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.key_smear else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+                is_causal: bool, kv_cache: KVCache | None, prev_ok: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.key_smear is not None:
+            assert prev_ok is not None
+            name = f"key{self.layer_idx}"
+            first = kv_cache.previous(name) if kv_cache is not None else None
+            prev = torch.cat([first.to(k.dtype) if first is not None else torch.zeros_like(k[:, :, :1]),
+                              k[:, :, :-1]], dim=2)
+            if kv_cache is not None:
+                kv_cache.remember(name, k[:, :, -1:])
+            a = torch.sigmoid(self.key_smear).to(k.dtype)[None, :, None, None]
+            k = torch.where(prev_ok[:, None, :, None], a * k + (1 - a) * prev, k)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -238,8 +259,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(rms_norm(x), cos, sin, mask, is_causal, kv_cache))
+                is_causal: bool, kv_cache: KVCache | None, prev_ok: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(rms_norm(x), cos, sin, mask, is_causal, kv_cache, prev_ok))
         return x + self.drop(self.mlp(rms_norm(x)))
 
 
@@ -280,6 +301,8 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
+            if block.attn.key_smear is not None:
+                nn.init.zeros_(block.attn.key_smear)
             nn.init.zeros_(block.mlp.c_proj.weight)
         if self.lm_head is None:
             # Tied: the input side is RMS-normalised anyway, and with std 1/sqrt(C) the
@@ -354,11 +377,27 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
         x = rms_norm(self.wte(idx))
+        prev_ok = self._prev_ok(B, T, idx.device, kv_cache, doc_ids, padding_mask) if self.config.key_smear else None
         for block in self.blocks:
-            x = block(x, cos, sin, mask, is_causal, kv_cache)
+            x = block(x, cos, sin, mask, is_causal, kv_cache, prev_ok)
         if kv_cache is not None:
             kv_cache.commit()
         return rms_norm(x)
+
+    @staticmethod
+    def _prev_ok(B: int, T: int, device: torch.device, kv_cache: Any, doc_ids: torch.Tensor | None,
+                 padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) bool: whether each token's predecessor is a real token of its own document (what a
+        smeared key may mix in); the first new token's predecessor is the cache's last token, if any."""
+        ok = torch.ones(B, T, dtype=torch.bool, device=device)
+        first = kv_cache.previous_ok() if kv_cache is not None else None
+        ok[:, 0] = False if first is None else first.to(device)
+        if padding_mask is not None:
+            ok[:, 1:] &= padding_mask.to(device=device, dtype=torch.bool)[:, :-1]
+        if doc_ids is not None:
+            d = doc_ids.to(device)
+            ok[:, 1:] &= d[:, 1:] == d[:, :-1]
+        return ok
 
     def _layout(self, B: int, T: int, device: torch.device, attn_mask: torch.Tensor | None,
                 doc_ids: torch.Tensor | None, padding_mask: torch.Tensor | None

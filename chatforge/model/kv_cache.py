@@ -57,6 +57,7 @@ class KVCache:
         self.pos = 0
         self.has_padding = False
         self._pending: tuple[int, torch.Tensor | None] | None = None
+        self.last: dict[str, torch.Tensor] = {}  # per-row tensors of the last token written (smeared keys)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int,
@@ -79,8 +80,22 @@ class KVCache:
         self.pos = 0
         self.has_padding = False
         self._pending = None
+        self.last = {}
 
     # ------------------------------------------------------------------ called by GPT
+
+    def previous_ok(self) -> torch.Tensor | None:
+        """(B,) whether the token before this step's first new one is a real token of the row; None
+        before anything was written. Left padding keeps every row's last written column real."""
+        return None if self.pos == 0 else self.valid[:, self.pos - 1]
+
+    def previous(self, name: str) -> torch.Tensor | None:
+        """The tensor kept under ``name`` for the last token written (see ``remember``)."""
+        return self.last.get(name) if self.pos else None
+
+    def remember(self, name: str, last: torch.Tensor) -> None:
+        """Keep a per-row tensor of this step's last token (a layer's raw key, for smeared keys)."""
+        self.last[name] = last.detach()
 
     def prepare(
         self, n_new: int, padding_mask: torch.Tensor | None

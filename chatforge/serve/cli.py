@@ -93,7 +93,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         "prefer the CHATFORGE_ADMIN_PASSWORD environment variable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="forward precision: auto = bf16 autocast where the device runs bf16 natively, else fp32")
+                   help="forward precision: auto = bf16 autocast on GPUs and AMX CPUs, else fp32")
     p.set_defaults(func=cmd_serve)
     return p
 

@@ -34,7 +34,7 @@ row: a request with a ``seed`` takes its number from its own CPU
 ``TokenEvent.logprob`` is the model's own log-probability of the token (raw
 logits, as OpenAI's ``logprobs`` report), not the adjusted sampling distribution.
 
-The forward runs under bf16 autocast where the device runs bf16 natively
+The forward runs under bf16 autocast on GPUs and AMX CPUs
 (``dtype="auto"``; "fp32" forces fp32); logits and log-probabilities are fp32.
 The decode thread holds one ``no_grad`` + autocast region while it has work, so
 autocast casts each weight to bf16 once per busy period, not at every step.
@@ -188,6 +188,7 @@ class SlotKVCache:
         self._lens: torch.Tensor | None = None  # (n,) lengths of the decoding rows, on device
         self._end = 0
         self._pending = False
+        self.last: dict[str, torch.Tensor] = {}  # (n_slots, ...) per-row tensors of the last token (smeared keys)
 
     @classmethod
     def for_model(cls, model: GPT, n_slots: int, max_len: int | None = None,
@@ -220,6 +221,8 @@ class SlotKVCache:
         if self.k is not None and self.v is not None and n:
             self.k[:, dst, :, :n] = self.k[:, src, :, :n]
             self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        for buf in self.last.values():
+            buf[dst] = buf[src]
         self.lengths[dst] = n
 
     # ------------------------------------------------------------------ called by GPT
@@ -230,6 +233,30 @@ class SlotKVCache:
         if self._mode is not None and self._mode[0] == "decode":
             return self._end - 1
         return 0
+
+    def previous_ok(self) -> torch.Tensor | None:
+        """The first new token's predecessor: none for a prefill (it starts the row), a real token for
+        each decoding row."""
+        if self._mode is None or self._mode[0] == "prefill":
+            return None
+        return torch.ones(self._mode[1], dtype=torch.bool, device=self.device)
+
+    def previous(self, name: str) -> torch.Tensor | None:
+        if self._mode is None or self._mode[0] == "prefill" or name not in self.last:
+            return None
+        return self.last[name][:self._mode[1]]
+
+    def remember(self, name: str, last: torch.Tensor) -> None:
+        if self._mode is None:
+            raise ChatforgeError("SlotKVCache: call begin_prefill or begin_decode before the forward")
+        buf = self.last.get(name)
+        if buf is None or buf.dtype != last.dtype:
+            buf = self.last[name] = torch.zeros(self.n_slots, *last.shape[1:], dtype=last.dtype, device=self.device)
+        kind, arg = self._mode
+        if kind == "prefill":
+            buf[arg] = last[0].detach()
+        else:
+            buf[:arg] = last.detach()
 
     def prepare(self, n_new: int, padding_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:

@@ -150,6 +150,7 @@ def gpt_config(m: ModelConfig, vocab_size: int) -> GPTConfig:
     overrides: dict[str, Any] = {
         "mlp_ratio": m.mlp_ratio, "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm,
         "dropout": m.dropout, "logit_softcap": m.logit_softcap, "rope_theta": m.rope_theta,
+        "key_smear": m.key_smear,
     }
     if m.n_embd:
         overrides["n_embd"] = m.n_embd

@@ -3,7 +3,8 @@
 ``generate(cfg, out_dir)`` writes, with no network and byte-identical output for
 a given config:
 
-* ``corpus.jsonl`` — help-centre articles and product pages for pre-training;
+* ``corpus.jsonl`` — help-centre articles and product pages for pre-training, plus optional shares
+  of record notes and support transcripts of training-split customers (``notes.py``);
 * ``reviews/`` — sentiment classification (stars -> label), split by product;
 * ``conversations/`` — grounded multi-turn support chats, split by customer;
 * ``intents/`` — first customer message -> intent, same split as conversations;
@@ -29,9 +30,11 @@ from typing import Any
 from chatforge.config import SupportWorldConfig
 from chatforge.data.supportworld.answers import INTENTS
 from chatforge.data.supportworld.conversations import QUALITY_ORDER, generate_conversations, preference_rows
-from chatforge.data.supportworld.corpus import corpus_docs
+from chatforge.data.supportworld.corpus import corpus_docs, interleave
+from chatforge.data.supportworld.notes import record_notes, support_transcripts
 from chatforge.data.supportworld.reviews import generate_reviews
 from chatforge.data.supportworld.tags import TAGS, generate_tags
+from chatforge.data.supportworld.text import rng_for
 from chatforge.data.supportworld.translation import generate_translations
 from chatforge.data.supportworld.world import SPLITS, make_world
 from chatforge.errors import ConfigError
@@ -45,6 +48,12 @@ LABEL_RULE = "reviews: stars 1-2 negative, 3 neutral, 4-5 positive (stars rate t
 
 
 def _check(cfg: SupportWorldConfig) -> None:
+    for name in ("record_notes", "transcripts"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"supportworld.{name}: {getattr(cfg, name)} must be in [0, 1)")
+    if cfg.record_notes + cfg.transcripts >= 1:
+        raise ConfigError(f"supportworld.record_notes + supportworld.transcripts = "
+                          f"{cfg.record_notes + cfg.transcripts} must be < 1 (the rest is help and product pages)")
     if cfg.corpus_mb <= 0:
         raise ConfigError(f"supportworld.corpus_mb: {cfg.corpus_mb} must be > 0")
     for name in ("n_products", "n_customers", "n_reviews", "n_conversations", "n_translations"):
@@ -100,7 +109,17 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
             sources[doc["source"]] += 1
             yield doc
 
-    n_docs = write_jsonl(corpus_path, counted(corpus_docs(world, cfg.seed, cfg.corpus_mb)))
+    share = cfg.record_notes + cfg.transcripts
+    docs = corpus_docs(world, cfg.seed, cfg.corpus_mb * (1 - share))
+    extra: list[dict[str, str]] = []
+    if cfg.record_notes > 0:
+        extra += record_notes(world, cfg.seed, int(cfg.corpus_mb * cfg.record_notes * 1_000_000))
+    if cfg.transcripts > 0:
+        extra += support_transcripts(world, cfg.seed, int(cfg.corpus_mb * cfg.transcripts * 1_000_000))
+    if extra:
+        rng_for(cfg.seed, "corpus-mix").shuffle(extra)
+        docs = interleave(docs, extra)
+    n_docs = write_jsonl(corpus_path, counted(docs))
     files["corpus.jsonl"] = {"rows": n_docs, "bytes": corpus_path.stat().st_size}
     written["corpus"] = corpus_path
 

@@ -54,3 +54,19 @@ def corpus_docs(world: w.World, seed: int, corpus_mb: float) -> Iterator[dict[st
             n_prod += 1
         total += len(doc["text"].encode("utf-8"))
         yield doc
+
+
+def interleave(docs: Iterator[dict[str, str]], extra: list[dict[str, str]]) -> Iterator[dict[str, str]]:
+    """``docs`` with ``extra`` spread evenly among them (the corpus is written in order)."""
+    main = list(docs)
+    if not main:
+        yield from extra
+        return
+    step = len(main) / max(1, len(extra))
+    k = 0
+    for i, doc in enumerate(main):
+        yield doc
+        while k < len(extra) and k * step <= i:
+            yield extra[k]
+            k += 1
+    yield from extra[k:]
