@@ -75,6 +75,12 @@ def fmt(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
 
 
+def cell(row: dict, col: str) -> str:
+    if col == "seed":
+        return str(row[col])
+    return fmt(row[col]) if col in CHECKS else fmt(row[col], False)
+
+
 def reference_rows(run: Path) -> list[str]:
     """The checks on the held-out reference answers and on one fixed training answer for every prompt."""
     from chatforge.eval.checks import SupportChecks, is_support_row, support_prompt
@@ -114,8 +120,7 @@ def main() -> None:
     cols = ["seed", *CHECKS, "bleu", "val_ppl", "copy_ratio", "pretrain_s", "sft_s", "wall_s"]
     print("  ".join(f"{c:>12}" for c in cols))
     for r in rows:
-        print("  ".join(f"{fmt(r[c]) if c in CHECKS else (fmt(r[c], False) if r[c] is not None else '-'):>12}"
-                        for c in cols))
+        print("  ".join(f"{cell(r, c):>12}" for c in cols))
     print("\nmean ± sd over seeds (answers per seed: " + ", ".join(str(r["answers"]) for r in rows) + ")")
     for c in CHECKS + ("bleu", "val_ppl", "wall_s"):
         vals = [r[c] for r in rows if r[c] is not None]
