@@ -70,16 +70,12 @@ def setup_threads(threads: int) -> int:
 
 def machine_line(threads: int) -> str:
     """One line describing where the numbers come from (CPU model, bf16 hardware support)."""
-    cpu, flags = platform.processor() or platform.machine(), set()
+    from chatforge.device import cpu_flags
+
+    cpu, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and ":" in line:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
-                if cpu and flags:
-                    break
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
