@@ -350,7 +350,7 @@ def test_copy_drill_rows_show_random_segments_twice_and_train_only_on_what_copyi
     from chatforge.train.pretrain import CopyDrill
 
     block = 300
-    drill = CopyDrill(torch.arange(10, 200), bos_id=1, block=block, seed=3)
+    drill = CopyDrill(torch.arange(10, 200), block=block, seed=3)
     x, y = drill.rows(3, batch_index=5)
     assert x.shape == y.shape == (3, block)
     assert ((x >= 10) & (x < 200)).all()
@@ -391,7 +391,7 @@ def test_drill_batches_come_first_as_short_rows_then_mix_into_corpus_batches():
         def load_state_dict(self, state):
             assert state == {"position": 0}
 
-    drill = CopyDrill(torch.arange(10, 200), bos_id=1, block=256, seed=0)
+    drill = CopyDrill(torch.arange(10, 200), block=256, seed=0)
     batches = _DeviceBatches(Loader(), torch.device("cpu"), drill, drill_rows=1, drill_batches=2)
     for _ in range(2):  # warm-up: every row a drill, as rows of CHUNK tokens (same token count)
         x, y = next(batches)

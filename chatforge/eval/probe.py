@@ -50,7 +50,8 @@ def _predict(model: GPT, rows: list[list[int]], pad_id: int) -> tuple[torch.Tens
     return nll.float().cpu(), logits.argmax(-1).cpu()
 
 
-def _ordinary_ids(tok: Any) -> torch.Tensor:
+def ordinary_ids(tok: Any) -> torch.Tensor:
+    """Ids of every token that is not a special token (what random probe and drill text is drawn from)."""
     return torch.tensor([i for i in range(tok.vocab_size) if not tok.is_special(i)])
 
 
@@ -62,7 +63,7 @@ def copy_probe(model: GPT, tok: Any, n: int = 32, length: int = 64, seed: int = 
     if L < 2:
         return {}
     g = torch.Generator().manual_seed(seed)
-    ids = _ordinary_ids(tok)
+    ids = ordinary_ids(tok)
     seq = ids[torch.randint(len(ids), (n, L), generator=g)]
     rows = torch.cat([torch.full((n, 1), tok.bos_id), seq, seq], dim=1).tolist()
     nll, _ = _predict(model, rows, tok.pad_id)  # column t predicts token t+1

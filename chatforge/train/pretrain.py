@@ -23,7 +23,7 @@ from chatforge.data.loader import TokenLoader, iter_eval_blocks
 from chatforge.data.shard import open_shard, split_files
 from chatforge.errors import ChatforgeError
 from chatforge.eval.lm import evaluate_lm, token_byte_lengths, unigram_baseline
-from chatforge.eval.probe import probe
+from chatforge.eval.probe import ordinary_ids, probe
 from chatforge.model.generate import generate
 from chatforge.train.dist import DistInfo
 from chatforge.train.loop import TrainResult, grad_accum_steps
@@ -59,7 +59,7 @@ class CopyDrill:
     """Copy-drill rows: each row is chunks of ``CHUNK`` tokens, and each chunk is segments of random
     ordinary tokens, each shown twice; the first copy is not trained on (nothing predicts it), the
     second is. Twice, not over and over: a model drilled on endless repeats learns to loop ("Quillon
-    Quillon Quillon ..." in a third of the chat answers), one drilled on single repeats learns to copy
+    Quillon Quillon ..." in a fifth of the chat answers), one drilled on single repeats learns to copy
     once and then read on.
 
     Why: in-context copying (an induction head, Olsson et al. 2022) is what lets the chat model quote
@@ -74,8 +74,8 @@ class CopyDrill:
     CHUNK = 128
     MIN_SEGMENT, MAX_SEGMENT = 16, 32
 
-    def __init__(self, ordinary_ids: torch.Tensor, bos_id: int, block: int, seed: int):
-        self.ids, self.bos_id, self.block, self.seed = ordinary_ids, bos_id, block, seed
+    def __init__(self, ids: torch.Tensor, block: int, seed: int):
+        self.ids, self.block, self.seed = ids, block, seed
 
     def rows(self, n: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index)
@@ -181,8 +181,7 @@ def build(ctx: StageContext) -> StageParts:
     drill = None
     warmup_steps = round(t.copy_drill_warmup * t.max_steps)
     if drill_rows or warmup_steps:
-        ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if not tokenizer.is_special(i)])
-        drill = CopyDrill(ordinary, tokenizer.bos_id, block, t.seed + ctx.dist.rank)
+        drill = CopyDrill(ordinary_ids(tokenizer), block, t.seed + ctx.dist.rank)
     accum = grad_accum_steps(t, t.batch_size * block, ctx.dist.world_size, "pretrain")
 
     c = model.config
