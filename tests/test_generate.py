@@ -420,6 +420,22 @@ def test_stream_runs_callers_code_in_its_own_mode_and_a_dropped_stream_ends_its_
     assert helpers() == before and model.training  # the helper ended and restored the mode
 
 
+def test_a_finished_or_closed_stream_has_no_helper_thread_left():
+    # A helper still inside torch when the interpreter exits aborts the process: chat must not leave one.
+    model = randomized()
+    helpers = [t for t in threading.enumerate() if t.name == "chatforge-stream" and t.is_alive()]
+    full = generate_details(model, [PROMPTS[0]], 8, temperature=0.0)[0]
+    for it in (stream(model, PROMPTS[0], 8, temperature=0.0),  # length
+               stream(model, PROMPTS[0], 8, temperature=0.0, stop_tokens=[full.tokens[2]])):  # stop
+        list(it)
+        assert not it._thread.is_alive(), it.finish_reason
+    it = stream(model, PROMPTS[0], 8, temperature=0.0)
+    next(it)
+    it.close()
+    assert not it._thread.is_alive()
+    assert [t for t in threading.enumerate() if t.name == "chatforge-stream" and t.is_alive()] == helpers
+
+
 def test_bad_generation_requests_are_clear_errors():
     model = randomized()  # block_size 48
     with pytest.raises(ChatforgeError, match=r"prompt of 7 tokens \+ max_new_tokens=42 = 49.*block_size=48"):

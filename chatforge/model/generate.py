@@ -464,8 +464,9 @@ class TokenStream(Iterator[int]):
         self._answer: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._done = False
         # The helper gets the queues, not self: a dropped stream can then be collected (and close itself).
-        threading.Thread(target=_stream_worker, args=(job, self._ask, self._answer), name="chatforge-stream",
-                         daemon=True).start()
+        self._thread = threading.Thread(target=_stream_worker, args=(job, self._ask, self._answer),
+                                        name="chatforge-stream", daemon=True)
+        self._thread.start()
 
     def __next__(self) -> int:
         if self._done:
@@ -492,10 +493,14 @@ class TokenStream(Iterator[int]):
         self.close()
 
     def close(self) -> None:
-        """Stop decoding; the helper thread ends (and restores the model's mode) after its current step."""
+        """Stop decoding and wait for the helper thread to end (after its current step; it restores the
+        model's mode). Waiting matters: a helper still inside torch when the interpreter exits aborts the
+        process ("terminate called without an active exception")."""
         if not self._done:
             self._done = True
             self._ask.put(False)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     def __del__(self) -> None:
         self.close()
