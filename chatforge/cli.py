@@ -197,6 +197,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _train_stage(args, args.stage, extra)
 
 
+FREQUENCY_PENALTY_HELP = ("OpenAI's, in [-2, 2]: a token's logit drops by this for each time it was already generated "
+                          "(the prompt does not count); default: eval.generation.FREQUENCY_PENALTY (0.5), which "
+                          "breaks a small model's greedy one-token loops")
+
+
+def _frequency_penalty(args: argparse.Namespace) -> float:
+    from chatforge.eval.generation import FREQUENCY_PENALTY
+
+    return FREQUENCY_PENALTY if args.frequency_penalty is None else args.frequency_penalty
+
+
 def _add_model_args(p: argparse.ArgumentParser, default_stage: str) -> None:
     """MODEL (a directory, or a stage of the run) and the run it is looked up in."""
     p.add_argument("model", nargs="?", metavar="MODEL",
@@ -236,8 +247,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         err_console.print(f"note: {model_dir} was not fine-tuned for chat (stage {meta.get('stage')!r}); "
                           "its replies may not follow the chat format", markup=False)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed)
+                        repetition_penalty=args.repetition_penalty, frequency_penalty=_frequency_penalty(args),
+                        presence_penalty=args.presence_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
     chat_loop(model, tok, sampling, system=args.system or "", device=device)
 
 
@@ -251,7 +262,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prompts = args.prompt or [""]
     encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
     kwargs = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                  repetition_penalty=args.repetition_penalty, stop_tokens=[tok.bos_id], seed=args.seed, device=device)
+                  repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                  presence_penalty=args.presence_penalty, stop_tokens=[tok.bos_id], seed=args.seed, device=device)
     if args.stream and len(encoded) == 1:
         sys.stdout.write(prompts[0])
         pending: list[int] = []
@@ -333,7 +345,8 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
     model_dir = _model_dir(args)
     model, tok, _ = load_model(model_dir, device)
     with resolve_precision(args.dtype, device).autocast():
-        report, results = evaluate_checks(model, tok, rows, checks, args.max_new_tokens, device)
+        report, results = evaluate_checks(model, tok, rows, checks, args.max_new_tokens, device,
+                                          frequency_penalty=_frequency_penalty(args))
     report = {"model": str(model_dir), "data": str(data), **report}
     if args.answers:
         write_jsonl(Path(args.answers), results)
@@ -342,7 +355,8 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
         return
     skipped = f"; {report['skipped']} skipped: the prompt leaves too little of the context for an answer" \
         if report["skipped"] else ""
-    console.print(f"{model_dir}: SupportWorld checks on {report['answers']} greedy answers to {data}{skipped}",
+    console.print(f"{model_dir}: SupportWorld checks on {report['answers']} greedy answers (frequency penalty "
+                  f"{report['frequency_penalty']:g}) to {data}{skipped}",
                   markup=False, soft_wrap=True)
     console.print(format_report(report), markup=False, soft_wrap=True)
 
@@ -476,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-k", type=int, default=50, help="0 = off")
     ch.add_argument("--top-p", type=float, default=None)
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--frequency-penalty", type=float, default=None, help=FREQUENCY_PENALTY_HELP)
+    ch.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]: a generated token's "
+                                                                          "logit drops by this once it has appeared")
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=cmd_chat)
@@ -488,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--top-k", type=int, default=50, help="0 = off")
     smp.add_argument("--top-p", type=float, default=None)
     smp.add_argument("--repetition-penalty", type=float, default=1.0)
+    smp.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0 = off)")
+    smp.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0 = off)")
     smp.add_argument("--seed", type=int, default=None)
     smp.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
     smp.add_argument("--device", default="auto")
@@ -518,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-new-tokens", type=int, default=192,
                      help="generation limit (an answer cut there fails 'ended'; SupportWorld's answers are at most "
                           "150 tokens with the default tokenizer)")
+    chk.add_argument("--frequency-penalty", type=float, default=None, help=FREQUENCY_PENALTY_HELP)
     chk.add_argument("--answers", metavar="FILE", help="also write each answer with its checks to FILE (JSONL)")
     chk.add_argument("--candidates", action="store_true",
                      help="no model: score the data's own ranked candidate answers per quality (what the checks "

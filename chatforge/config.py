@@ -198,6 +198,10 @@ class ChatTuneConfig(FinetuneConfig):
     pack: bool = True  # pack short conversations into full blocks (attention stays inside each)
     eval_generate: int = 64  # held-out prompts answered by generation and scored (BLEU/chrF, task checks)
     max_new_tokens: int = 192  # SupportWorld answers run to ~140 tokens; capped by what the context leaves
+    # OpenAI's frequency penalty for those answers (generated tokens only, so copying from the record is
+    # free): greedy decoding of a small model falls into one-token loops ("Saltmarsh Saltmarsh ...") that
+    # never end the turn; 0.5 ends ~99% of the tiny model's answers instead of ~77% (docs/architecture.md)
+    frequency_penalty: float = 0.5
 
 
 def _sft_defaults() -> ChatTuneConfig:
@@ -207,7 +211,7 @@ def _sft_defaults() -> ChatTuneConfig:
 
 def _translate_defaults() -> ChatTuneConfig:
     return ChatTuneConfig(batch_size=8, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=20,
-                          checkpoint_every=300, min_lr_frac=0.0, max_new_tokens=48)
+                          checkpoint_every=300, min_lr_frac=0.0, max_new_tokens=48, frequency_penalty=0.0)
 
 
 @dataclass
@@ -513,6 +517,7 @@ def validate(cfg: RunConfig) -> None:
         if isinstance(section, ChatTuneConfig):
             _check(section.eval_generate >= 0, f"{name}.eval_generate", "must be >= 0")
             _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
+            _check(-2 <= section.frequency_penalty <= 2, f"{name}.frequency_penalty", "must be in [-2, 2] (0 = off)")
 
 
 def validate_finetune(f: FinetuneConfig, section: str) -> None:

@@ -351,14 +351,19 @@ def test_stop_ends_unfinished_requests_and_a_failed_step_ends_only_its_requests(
 
 # --------------------------------------------------------------------------- vectorised sampling, precision
 
-# (temperature, top_k, top_p, repetition_penalty) per request: greedy, greedy with a penalty, and samplers
-SETTINGS = [(0.0, None, None, 1.0), (0.0, None, None, 1.3), (1.3, 20, None, 1.0), (0.8, None, 0.9, 1.0),
-            (1.0, 50, 0.95, 1.2)]
+# (temperature, top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty) per request:
+# greedy, greedy with each penalty, and samplers
+SETTINGS = [(0.0, None, None, 1.0, 0.0, 0.0), (0.0, None, None, 1.3, 0.0, 0.0), (1.3, 20, None, 1.0, 0.0, 0.0),
+            (0.8, None, 0.9, 1.0, 0.0, 0.0), (1.0, 50, 0.95, 1.2, 0.0, 0.0), (0.0, None, None, 1.0, 0.9, 0.3),
+            (1.0, None, None, 1.0, 0.5, 0.5)]
+
+
+MIXED_PROMPTS = [PROMPTS[i % len(PROMPTS)] for i in range(len(SETTINGS))]
 
 
 def mixed_params(n: int) -> list[SamplingParams]:
-    return [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=10 + i)
-            for i, (t, k, p, r) in enumerate(SETTINGS)]
+    return [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, frequency_penalty=f,
+                           presence_penalty=pr, seed=10 + i) for i, (t, k, p, r, f, pr) in enumerate(SETTINGS)]
 
 
 def test_one_sampling_call_per_step_over_rows_with_different_settings(model, monkeypatch):
@@ -371,13 +376,13 @@ def test_one_sampling_call_per_step_over_rows_with_different_settings(model, mon
 
     monkeypatch.setattr(engine_module, "sample_rows", spy)
     with Engine(model, TOK, max_batch=8, dtype="fp32") as eng:
-        handles = [eng.submit(p, params) for p, params in zip(PROMPTS, mixed_params(30))]
+        handles = [eng.submit(p, params) for p, params in zip(MIXED_PROMPTS, mixed_params(30))]
         for h in handles:
             h.wait(10)
         steps = eng.stats()["steps"]
     assert all(h.completion_tokens == 30 for h in handles)
     assert len(sizes) == steps + len(handles)  # one call per decode step, and one per prefill
-    assert max(sizes) == len(handles)  # all five rows, five different settings, in one call
+    assert max(sizes) == len(handles)  # every row, each with its own settings, in one call
 
 
 def test_mixed_batch_gives_each_request_its_tokens_alone(model):
@@ -385,20 +390,22 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(model):
     equal ``generate`` alone (the per-row reference: same rules, same seeded draws)."""
     n = 40
     alone = [generate(model, [p], n, temperature=t, top_k=k, top_p=tp, repetition_penalty=r, seed=10 + i,
-                      dtype="fp32")[0] for i, (p, (t, k, tp, r)) in enumerate(zip(PROMPTS, SETTINGS))]
+                      dtype="fp32", frequency_penalty=f, presence_penalty=pr)[0]
+             for i, (p, (t, k, tp, r, f, pr)) in enumerate(zip(MIXED_PROMPTS, SETTINGS))]
     with Engine(model, TOK, max_batch=8, dtype="fp32") as eng:
         noise = [eng.submit(p, SamplingParams(max_tokens=n, temperature=1.5)) for p in PROMPTS[:2]]  # unseeded
-        batched = [eng.submit(p, params) for p, params in zip(PROMPTS, mixed_params(n))]
+        batched = [eng.submit(p, params) for p, params in zip(MIXED_PROMPTS, mixed_params(n))]
         for h in [*noise, *batched]:
             h.wait(10)
         single = []
-        for p, params in zip(PROMPTS, mixed_params(n)):  # and each one through the engine by itself
+        for p, params in zip(MIXED_PROMPTS, mixed_params(n)):  # and each one through the engine by itself
             h = eng.submit(p, params)
             h.wait(10)
             single.append(h.token_ids)
     assert [h.token_ids for h in batched] == alone == single
-    greedy_refs = [generate(model, [p], n, temperature=0, dtype="fp32")[0] for p in PROMPTS[2:]]
-    assert all(a != g for a, g in zip(alone[2:], greedy_refs))  # the samplers really sampled
+    greedy_refs = [generate(model, [p], n, temperature=0, dtype="fp32")[0] for p in MIXED_PROMPTS]
+    # the samplers really sampled, and the penalised greedy rows are not plain greedy
+    assert all(a != g for a, g, st in zip(alone, greedy_refs, SETTINGS) if st != SETTINGS[0])
 
 
 def test_bf16_engine_runs_bf16_and_stays_near_fp32(model):

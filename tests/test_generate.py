@@ -7,6 +7,7 @@ import gc
 import math
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -254,7 +255,8 @@ def test_inverse_cdf_draws_follow_the_distribution_and_never_pick_a_removed_toke
 
 # one (temperature, top_k, top_p, repetition_penalty) per row, every rule in some row and mixed in others
 MIXED = [(0.0, None, None, 1.0), (0.0, None, None, 1.5), (0.7, 5, None, 1.0), (1.3, None, 0.8, 1.0),
-         (1.0, 10, 0.9, 1.3), (2.0, 1, None, 1.0), (0.9, None, 1e-6, 1.0), (1.0, None, None, 1.0)]
+         (1.0, 10, 0.9, 1.3), (2.0, 1, None, 1.0), (0.9, None, 1e-6, 1.0), (1.0, None, None, 1.0),
+         (0.0, None, None, 1.0, 0.8, 0.0), (1.0, 20, None, 1.2, 0.5, 0.4), (0.8, None, None, 1.0, -0.5, 1.5)]
 
 
 def test_vectorised_rows_equal_each_row_sampled_alone():
@@ -262,18 +264,20 @@ def test_vectorised_rows_equal_each_row_sampled_alone():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(len(MIXED), V, generator=gen) * 3
     seen = torch.rand(len(MIXED), V, generator=gen) < 0.3
+    counts = torch.randint(0, 4, (len(MIXED), V), generator=gen).float() * (torch.rand(len(MIXED), V) < 0.2)
     u = torch.rand(len(MIXED), generator=gen)
     rows = SamplingRows.build(MIXED, "cpu")
-    adjusted = adjust_logits_rows(logits, rows, seen)
+    adjusted = adjust_logits_rows(logits, rows, seen, counts)
     batch = sample_rows(adjusted, rows, u)
     for i, setting in enumerate(MIXED):
         one = SamplingRows.build([setting], "cpu")
-        alone = adjust_logits_rows(logits[i:i + 1], one, seen[i:i + 1])
+        alone = adjust_logits_rows(logits[i:i + 1], one, seen[i:i + 1], counts[i:i + 1])
         assert torch.equal(alone[0], adjusted[i]), setting
         assert sample_rows(alone, one, u[i:i + 1]).item() == batch[i].item(), setting
-        t, k, p, rp = setting  # and the scalar API agrees (temperature 0 = argmax of the penalised logits)
+        t, k, p, rp, f, pr = (*setting, 0.0, 0.0)[:6]  # the scalar API agrees (t=0: argmax of the penalised logits)
         if t > 0:
-            assert torch.equal(adjust_logits(logits[i:i + 1], t, k, p, rp, seen[i:i + 1])[0], adjusted[i])
+            assert torch.equal(adjust_logits(logits[i:i + 1], t, k, p, rp, seen[i:i + 1], f, pr, counts[i:i + 1])[0],
+                               adjusted[i])
     assert batch[0].item() == logits[0].argmax().item()
     assert batch[5].item() == logits[5].argmax().item() and batch[6].item() == logits[6].argmax().item()
 
@@ -317,12 +321,16 @@ def test_details_include_the_stop_token_and_the_finish_reason():
 
 
 def reference_logprobs(logits: torch.Tensor, seen: set[int], temperature: float, top_k: int | None,
-                       top_p: float | None, penalty: float) -> torch.Tensor:
+                       top_p: float | None, penalty: float, frequency: float = 0.0, presence: float = 0.0,
+                       generated: Sequence[int] = ()) -> torch.Tensor:
     """The sampling distribution of one position, written out independently of ``adjust_logits``:
-    penalty on seen tokens, then (unless greedy: temperature 1, no top-k/top-p) temperature, top-k, top-p."""
+    penalty on seen tokens, frequency and presence penalties on the tokens generated so far, then
+    (unless greedy: temperature 1, no top-k/top-p) temperature, top-k, top-p."""
     x = logits.double().clone()
     for t in seen:
         x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
+    for t in set(generated):
+        x[t] -= frequency * list(generated).count(t) + presence
     if temperature == 0:
         return torch.log_softmax(x, dim=-1)
     x = x / temperature
@@ -339,21 +347,24 @@ def reference_logprobs(logits: torch.Tensor, seen: set[int], temperature: float,
     return torch.log_softmax(x, dim=-1)
 
 
-@pytest.mark.parametrize("setting", MIXED[:5], ids=["greedy", "greedy-penalty", "top_k", "top_p", "all"])
+@pytest.mark.parametrize("setting", [*MIXED[:5], *MIXED[8:10]],
+                         ids=["greedy", "greedy-penalty", "top_k", "top_p", "all", "greedy-frequency", "counted"])
 def test_logprobs_equal_a_teacher_forced_recomputation(setting):
     """Each token's logprob == log P(token) under the adjusted distribution at its position, recomputed
     with one full forward over prompt + generated tokens (no cache, no batch, no padding)."""
-    temperature, top_k, top_p, penalty = setting
+    temperature, top_k, top_p, penalty, frequency, presence = (*setting, 0.0, 0.0)[:6]
     model = randomized(seed=6)
     stop = 13
     details = generate_details(model, PROMPTS, max_new_tokens=15, temperature=temperature, top_k=top_k,
-                               top_p=top_p, repetition_penalty=penalty, stop_tokens=[stop], seed=4, dtype="fp32")
+                               top_p=top_p, repetition_penalty=penalty, stop_tokens=[stop], seed=4, dtype="fp32",
+                               frequency_penalty=frequency, presence_penalty=presence)
     for p, d in zip(PROMPTS, details):
         assert d.tokens and len(d.logprobs) == len(d.tokens)
         with torch.no_grad():
             logits = model(torch.tensor([p + d.tokens]))[0][0]
         for i, tok in enumerate(d.tokens):
-            ref = reference_logprobs(logits[len(p) - 1 + i], set(p + d.tokens[:i]), *setting)
+            ref = reference_logprobs(logits[len(p) - 1 + i], set(p + d.tokens[:i]), temperature, top_k, top_p,
+                                     penalty, frequency, presence, d.tokens[:i])
             assert math.isfinite(d.logprobs[i]) and d.logprobs[i] == pytest.approx(ref[tok].item(), abs=1e-4)
         if temperature == 0:  # greedy: the argmax of the penalised logits
             assert all(ref_lp <= 0 for ref_lp in d.logprobs)
@@ -434,6 +445,21 @@ def test_a_finished_or_closed_stream_has_no_helper_thread_left():
     it.close()
     assert not it._thread.is_alive()
     assert [t for t in threading.enumerate() if t.name == "chatforge-stream" and t.is_alive()] == helpers
+
+
+def test_a_frequency_penalty_breaks_a_greedy_loop_without_touching_the_prompt():
+    # A model that always predicts "the token just seen" loops greedily; OpenAI's frequency penalty
+    # counts only generated tokens, so the first step (the prompt's own tokens) is plain greedy.
+    model = randomized(seed=3)
+    plain = generate(model, [PROMPTS[1]], 24, temperature=0.0)[0]
+    looped = max(plain.count(t) for t in set(plain))
+    pen = generate(model, [PROMPTS[1]], 24, temperature=0.0, frequency_penalty=2.0)[0]
+    assert pen[0] == plain[0]  # nothing generated yet: no penalty, even for tokens in the prompt
+    assert max(pen.count(t) for t in set(pen)) < looped, (plain, pen)
+    with pytest.raises(ChatforgeError, match=r"frequency_penalty must be in \[-2, 2\]"):
+        generate(model, [[1]], 2, frequency_penalty=2.5)
+    with pytest.raises(ChatforgeError, match="presence_penalty"):
+        stream(model, [1], 2, presence_penalty=-3)
 
 
 def test_bad_generation_requests_are_clear_errors():

@@ -18,7 +18,7 @@ import torch
 import uvicorn
 from serve_fixtures import ascii_model
 
-from chatforge.model import GPT
+from chatforge.model import GPT, generate
 from chatforge.serve.app import ServeSettings, create_app, model_id_for, model_version, uvicorn_options
 from chatforge.serve.cli import (
     add_serve_parser,
@@ -188,6 +188,19 @@ def test_completions_logprobs_and_echo(client):
     assert "".join(ch.choices[0].text for ch in stream) == r.choices[1].text[2:]
 
 
+def test_frequency_and_presence_penalties_are_openais(client):
+    # generated tokens only are counted, as in OpenAI's API and vLLM: the same tokens as generate()
+    ids = [TOK.bos_id, *TOK.encode("Hi")]
+    for f, p in ((1.5, 0.0), (0.4, 1.0), (-1.0, -2.0)):  # the last rewards repeats: it must change the text
+        r = client.completions.create(model="t-sft", prompt="Hi", max_tokens=12, temperature=0, frequency_penalty=f,
+                                      presence_penalty=p)
+        want = generate(tiny_model(), [ids], 12, temperature=0, frequency_penalty=f, presence_penalty=p,
+                        dtype="fp32")[0]
+        assert r.choices[0].text == TOK.decode(want)
+    plain = client.completions.create(model="t-sft", prompt="Hi", max_tokens=12, temperature=0)
+    assert plain.choices[0].text != r.choices[0].text
+
+
 # --------------------------------------------------------------------------- errors (httpx)
 
 
@@ -209,6 +222,8 @@ def test_bad_requests_are_400_naming_the_field(url):
     assert_openai_error(r, 400, param="n", contains="n=1")
     r = post(url, "/v1/chat/completions", {"model": "t-sft", "messages": CHAT, "temperature": "hot"})
     assert_openai_error(r, 400, param="temperature")
+    r = post(url, "/v1/chat/completions", {"model": "t-sft", "messages": CHAT, "frequency_penalty": 2.5})
+    assert_openai_error(r, 400, param="frequency_penalty", contains="[-2.0, 2.0]")
     r = post(url, "/v1/chat/completions", {"model": "t-sft", "messages": [{"role": "robot", "content": "x"}]})
     assert_openai_error(r, 400, param="messages[0].role")
     long = [{"role": "user", "content": "x" * (CONTEXT + 10)}]

@@ -26,6 +26,8 @@ class Sampling:
     top_k: int | None = 50
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: generated tokens only (the CLI's default is 0.5)
+    presence_penalty: float = 0.0
     max_new_tokens: int = 200
     seed: int | None = None
 
@@ -47,6 +49,7 @@ def stream_reply(model: GPT, tok: Any, messages: list[dict[str, str]], sampling:
 
     tokens = stream(model, ids, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                    frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty,
                     stop_tokens=stop_token_ids(tok), seed=sampling.seed, device=device)
 
     def pieces() -> Iterator[str]:

@@ -769,19 +769,22 @@ def support_rows(source: str | Path, limit: int = 0) -> list[dict[str, Any]]:
 
 
 def evaluate_checks(model: Any, tok: Any, rows: Sequence[dict[str, Any]], checks: SupportChecks,
-                    max_new_tokens: int, device: Any, batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
+                    max_new_tokens: int, device: Any, batch_size: int = 16, frequency_penalty: float | None = None
+                    ) -> tuple[dict[str, Any], list[dict]]:
     """Greedy answers of ``model`` to each row's main question, checked: ``(report, per-row results)``.
+    ``frequency_penalty`` (OpenAI's; default ``eval.generation.FREQUENCY_PENALTY``) applies to them.
     Each answer gets ``max_new_tokens`` or what the context leaves; prompts that leave fewer than
     ``eval.generation.MIN_ROOM`` tokens are skipped (counted in the report).
     Rows are generated in order of prompt length (less padding); the results keep the rows' order."""
     from chatforge.chat.template import render_prompt
-    from chatforge.eval.generation import answer_prompts
+    from chatforge.eval.generation import FREQUENCY_PENALTY, answer_prompts
 
     prompts = [(str(r.get("id", k)), support_prompt(r)[0]) for k, r in enumerate(rows)]
     order = sorted(range(len(rows)), key=lambda k: len(render_prompt(prompts[k][1], tok, prompts[k][0])))
     was_training = model.training
     model.eval()
-    got = answer_prompts(model, tok, [prompts[k] for k in order], max_new_tokens, device, batch_size)
+    penalty = FREQUENCY_PENALTY if frequency_penalty is None else frequency_penalty
+    got = answer_prompts(model, tok, [prompts[k] for k in order], max_new_tokens, device, batch_size, penalty)
     model.train(was_training)
     answers: list[Any] = [None] * len(rows)
     for k, a in zip(order, got):
@@ -789,6 +792,7 @@ def evaluate_checks(model: Any, tok: Any, rows: Sequence[dict[str, Any]], checks
     report = checks.report(rows, [a.text if a else None for a in answers],
                            [a.ended if a else None for a in answers])
     report["max_new_tokens"] = max_new_tokens
+    report["frequency_penalty"] = penalty
     results = []
     for row, a in zip(rows, answers):
         prompt, reference = support_prompt(row)

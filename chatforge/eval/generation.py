@@ -28,12 +28,16 @@ class Answer:
 
 
 MIN_ROOM = 32  # fewest new tokens a prompt must leave room for to be answered
+# OpenAI's frequency penalty for greedy answers: it counts generated tokens only (copying the record is
+# free) and breaks the one-token loops a small model falls into ("Saltmarsh Saltmarsh ...").
+FREQUENCY_PENALTY = 0.5
 
 
 def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dict[str, Any]]]],
-                   max_new_tokens: int, device: torch.device, batch_size: int = GEN_BATCH) -> list[Answer | None]:
-    """Greedy answers to the conversations' last prompts (a trailing assistant message, the reference,
-    is left out), in batches of similar length. Each answer gets ``max_new_tokens`` or what the context
+                   max_new_tokens: int, device: torch.device, batch_size: int = GEN_BATCH,
+                   frequency_penalty: float = FREQUENCY_PENALTY) -> list[Answer | None]:
+    """Greedy answers (with ``frequency_penalty``) to the conversations' last prompts (a trailing
+    assistant message, the reference, is left out), in batches of similar length. Each answer gets ``max_new_tokens`` or what the context
     leaves after its prompt, whichever is less (an answer cut there has ``ended`` False); None where
     the prompt leaves fewer than ``MIN_ROOM`` tokens."""
     stops = stop_token_ids(tok)
@@ -46,7 +50,7 @@ def answer_prompts(model: GPT, tok: Any, conversations: list[tuple[str, list[dic
         chunk = fits[k:k + batch_size]
         room = min(max_new_tokens, block - max(len(prompts[i]) for i in chunk))
         outs = generate(model, [prompts[i] for i in chunk], room, temperature=0.0, stop_tokens=stops,
-                        device=device)
+                        device=device, frequency_penalty=frequency_penalty)
         for i, ids in zip(chunk, outs):
             answers[i] = Answer(parse_assistant(ids, tok), len(ids) < room, len(ids))
     return answers

@@ -46,8 +46,8 @@ def status_stated(record: Any, answer: str) -> bool | None:
     return status.replace("_", " ").lower() in answer.lower()
 
 
-def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_tokens: int, device: torch.device
-                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_tokens: int, device: torch.device,
+                        frequency_penalty: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answer ``n`` held-out prompts of ``source`` by greedy decoding and score them: BLEU/chrF
     against the references, and, for prompts whose reference answer states the order
     status of the conversation's record, whether the generated answer states it too.
@@ -71,7 +71,8 @@ def evaluate_generation(model: GPT, tok: Any, source: str, n: int, max_new_token
     chosen += status_pool[k:k + n - len(chosen)]
     was_training = model.training
     model.eval()
-    answers = answer_prompts(model, tok, [(w, m) for w, m, _, _ in chosen], max_new_tokens, device)
+    answers = answer_prompts(model, tok, [(w, m) for w, m, _, _ in chosen], max_new_tokens, device,
+                             frequency_penalty=frequency_penalty)
     model.train(was_training)
     rows, hyps, refs, checks = [], [], [], []
     verdicts: list[tuple[str, dict[str, bool | None]]] = []
@@ -138,7 +139,8 @@ def build(ctx: StageContext) -> StageParts:
         return {"val_loss": loss_value, "val_ppl": float(torch.tensor(loss_value).exp())}
 
     def test(m: nn.Module, result: TrainResult) -> StageTest:
-        gen, rows = evaluate_generation(m, tok, ctx.sources["test"], f.eval_generate, f.max_new_tokens, device)
+        gen, rows = evaluate_generation(m, tok, ctx.sources["test"], f.eval_generate, f.max_new_tokens, device,
+                                        f.frequency_penalty)
         metrics = {f"test_{k}" if k in ("bleu", "chrf", "status_correct") or k.startswith("check_") else k: v
                    for k, v in gen.items() if isinstance(v, int | float)}
         # the sacrebleu signature; the checks' report (per check and intent, with 95% intervals)

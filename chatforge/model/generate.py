@@ -1,4 +1,4 @@
-"""Batched KV-cache decoding with temperature, top-k, top-p, repetition penalty and stop tokens.
+"""Batched KV-cache decoding with temperature, top-k, top-p, repetition/frequency/presence penalties and stop tokens.
 
 One prefill runs all prompts at once, left-padded (see ``KVCache``); then each
 step feeds one token per row through the cache, so a step costs O(T) attention
@@ -17,7 +17,8 @@ Three ways to call it:
 - ``stream`` -> one prompt's tokens as they are produced; the returned
   ``TokenStream`` tells the finish reason once it is exhausted.
 
-Sampling order (as in Hugging Face ``generate``): repetition penalty, then
+Sampling order (as in Hugging Face ``generate`` and vLLM): repetition penalty,
+frequency and presence penalties (OpenAI's, counting generated tokens only), then
 temperature, top-k, top-p, then a draw. Every rule works on a whole batch of rows
 at once, each row with its own settings (``SamplingRows``), so the serving engine,
 whose rows are different requests, samples them all in one call. The draw is
@@ -26,7 +27,7 @@ a CPU ``torch.Generator`` seeded with ``seed`` (same model, prompts and seed =>
 same tokens, on any device); the engine draws each seeded request's number from
 that request's own generator, so it does not depend on what else is in the batch.
 
-Temperature 0 is greedy decoding: the argmax after the repetition penalty (top-k
+Temperature 0 is greedy decoding: the argmax after the penalties (top-k
 and top-p do not apply). Its log-probabilities are, by convention, those of the
 penalised logits at temperature 1: the model's own probability of the chosen
 token, not 0.
@@ -128,18 +129,25 @@ def adjust_logits(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seen: torch.Tensor | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, V) logits -> logits whose softmax is the sampling distribution (removed tokens = -inf).
 
     ``repetition_penalty`` (CTRL, arXiv:1909.05858) divides positive logits and
     multiplies negative ones of every token in ``seen`` (B, V), so > 1 makes
-    repeats less likely. ``top_p`` keeps the smallest set of most likely tokens
+    repeats less likely. ``frequency_penalty`` and ``presence_penalty`` are
+    OpenAI's: ``counts`` (B, V) holds how often each token was already generated
+    (the prompt does not count, so copying from it is not penalised), and a token's
+    logit drops by ``frequency_penalty * count + presence_penalty * (count > 0)``.
+    ``top_p`` keeps the smallest set of most likely tokens
     whose probability reaches ``top_p`` (always at least one). Temperature 0 here
     means no scaling (greedy decoding takes the argmax of the penalised logits).
     """
-    rows = SamplingRows.build([(temperature or 1.0, top_k, top_p, repetition_penalty)] * logits.size(0),
-                              logits.device)
-    return adjust_logits_rows(logits, rows, seen)
+    rows = SamplingRows.build([(temperature or 1.0, top_k, top_p, repetition_penalty, frequency_penalty,
+                                presence_penalty)] * logits.size(0), logits.device)
+    return adjust_logits_rows(logits, rows, seen, counts)
 
 
 @dataclass(frozen=True)
@@ -155,42 +163,54 @@ class SamplingRows:
     top_k: torch.Tensor  # long: 0 = off
     top_p: torch.Tensor  # float: 1 = off
     penalty: torch.Tensor  # float: 1 = off
+    frequency: torch.Tensor  # float: 0 = off
+    presence: torch.Tensor  # float: 0 = off
     all_greedy: bool
     any_scaled: bool
     max_top_k: int  # 0 = no row uses top-k
     any_top_p: bool
     any_penalty: bool
+    any_counted: bool  # some row has a frequency or presence penalty
 
     @classmethod
-    def build(cls, settings: Sequence[tuple[float, int | None, float | None, float]],
-              device: torch.device | str) -> SamplingRows:
-        """From one ``(temperature, top_k, top_p, repetition_penalty)`` per row (values already checked)."""
-        greedy = [t == 0 for t, _, _, _ in settings]
-        divisor = [1.0 if g else float(t) for g, (t, _, _, _) in zip(greedy, settings)]
-        top_k = [0 if g or k is None else int(k) for g, (_, k, _, _) in zip(greedy, settings)]
-        top_p = [1.0 if g or p is None else float(p) for g, (_, _, p, _) in zip(greedy, settings)]
-        penalty = [float(r) for _, _, _, r in settings]
+    def build(cls, settings: Sequence[tuple[Any, ...]], device: torch.device | str) -> SamplingRows:
+        """From one ``(temperature, top_k, top_p, repetition_penalty[, frequency_penalty, presence_penalty])``
+        per row (values already checked; the last two default to 0)."""
+        settings = [(*s, 0.0, 0.0)[:6] for s in settings]
+        greedy = [s[0] == 0 for s in settings]
+        divisor = [1.0 if g else float(s[0]) for g, s in zip(greedy, settings)]
+        top_k = [0 if g or s[1] is None else int(s[1]) for g, s in zip(greedy, settings)]
+        top_p = [1.0 if g or s[2] is None else float(s[2]) for g, s in zip(greedy, settings)]
+        penalty = [float(s[3]) for s in settings]
+        frequency = [float(s[4]) for s in settings]
+        presence = [float(s[5]) for s in settings]
         return cls(
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             divisor=torch.tensor(divisor, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
             penalty=torch.tensor(penalty, dtype=torch.float32, device=device),
+            frequency=torch.tensor(frequency, dtype=torch.float32, device=device),
+            presence=torch.tensor(presence, dtype=torch.float32, device=device),
             all_greedy=all(greedy),
             any_scaled=any(d != 1.0 for d in divisor),
             max_top_k=max(top_k, default=0),
             any_top_p=any(p < 1.0 for p in top_p),
             any_penalty=any(r != 1.0 for r in penalty),
+            any_counted=any(f != 0.0 for f in frequency) or any(p != 0.0 for p in presence),
         )
 
 
-def adjust_logits_rows(logits: torch.Tensor, rows: SamplingRows, seen: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_logits_rows(logits: torch.Tensor, rows: SamplingRows, seen: torch.Tensor | None = None,
+                       counts: torch.Tensor | None = None) -> torch.Tensor:
     """``adjust_logits`` with each row's own settings; a row's result does not depend on the others."""
     logits = logits.float()
     if rows.any_penalty and seen is not None:
         rp = rows.penalty[:, None]
         penalised = torch.where(logits > 0, logits / rp, logits * rp)  # rp = 1 leaves a row bit-identical
         logits = torch.where(seen, penalised, logits)
+    if rows.any_counted and counts is not None:  # OpenAI's order (as vLLM): after the repetition penalty
+        logits = logits - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
     if rows.any_scaled:
         logits = logits / rows.divisor[:, None]
     vocab = logits.size(-1)
@@ -241,14 +261,18 @@ def sample_next_token(
     repetition_penalty: float = 1.0,
     seen: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits; temperature 0 is argmax (after the penalty).
 
     ``generator`` is a CPU generator for the one uniform number drawn per row (None:
     torch's global generator).
     """
-    rows = SamplingRows.build([(temperature, top_k, top_p, repetition_penalty)] * logits.size(0), logits.device)
-    adjusted = adjust_logits_rows(logits, rows, seen)
+    rows = SamplingRows.build([(temperature, top_k, top_p, repetition_penalty, frequency_penalty,
+                                presence_penalty)] * logits.size(0), logits.device)
+    adjusted = adjust_logits_rows(logits, rows, seen, counts)
     uniforms = None if rows.all_greedy else torch.rand(logits.size(0), generator=generator)
     return sample_rows(adjusted, rows, uniforms)
 
@@ -262,7 +286,8 @@ def token_logprobs(adjusted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 
 def _check_settings(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                    top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+                    top_k: int | None, top_p: float | None, repetition_penalty: float,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
     if not prompts:
         raise ChatforgeError("generate: no prompts given")
     vocab = model.config.vocab_size
@@ -289,6 +314,9 @@ def _check_settings(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
         raise ChatforgeError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
     if repetition_penalty <= 0:
         raise ChatforgeError(f"generate: repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not -2.0 <= value <= 2.0:  # OpenAI's range
+            raise ChatforgeError(f"generate: {name} must be in [-2, 2] (0 = off), got {value}")
 
 
 @dataclass
@@ -307,15 +335,18 @@ class _Job:
 
 def _prepare(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, repetition_penalty: float, stop_tokens: Iterable[int], seed: int | None,
-             device: torch.device | str | None, dtype: str) -> _Job:
+             device: torch.device | str | None, dtype: str, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0) -> _Job:
     """Check everything now, so bad input fails at the call, not at the first token."""
-    _check_settings(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_settings(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                    frequency_penalty, presence_penalty)
     model_device = next(model.parameters()).device
     wanted = torch.device(device) if device is not None else model_device
     if wanted.type != model_device.type or (wanted.index is not None and wanted != model_device):
         raise ChatforgeError(f"generate: device {wanted} differs from the model's device {model_device}; "
                              f"move the model with model.to({str(wanted)!r}) first")
-    rows = SamplingRows.build([(temperature, top_k, top_p, repetition_penalty)] * len(prompts), model_device)
+    rows = SamplingRows.build([(temperature, top_k, top_p, repetition_penalty, frequency_penalty,
+                                presence_penalty)] * len(prompts), model_device)
     return _Job(model, prompts, max_new_tokens, rows, set(stop_tokens), seed, model_device,
                 resolve_precision(dtype, model_device))
 
@@ -343,6 +374,7 @@ def _steps(job: _Job, want_logprobs: bool) -> Iterator[tuple[list[int | None], l
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         for b, p in enumerate(prompts):
             seen[b, torch.tensor(p, dtype=torch.long, device=device)] = True
+    counts = torch.zeros(B, model.config.vocab_size, device=device) if rows.any_counted else None
     generator = None
     if job.seed is not None:
         generator = torch.Generator()  # CPU: the same draws whatever the model's device
@@ -356,7 +388,7 @@ def _steps(job: _Job, want_logprobs: bool) -> Iterator[tuple[list[int | None], l
         logits = lm_logits(model, hidden[:, -1])
         finished = [False] * B
         for step in range(job.max_new_tokens):
-            adjusted = adjust_logits_rows(logits, rows, seen)
+            adjusted = adjust_logits_rows(logits, rows, seen, counts)
             uniforms = None if rows.all_greedy else torch.rand(B, generator=generator)
             nxt = sample_rows(adjusted, rows, uniforms)
             lps = token_logprobs(adjusted, nxt).tolist() if want_logprobs else None
@@ -370,6 +402,8 @@ def _steps(job: _Job, want_logprobs: bool) -> Iterator[tuple[list[int | None], l
                 break
             if seen is not None:
                 seen[torch.arange(B, device=device), nxt] = True
+            if counts is not None:
+                counts[torch.arange(B, device=device), nxt] += 1
             hidden = model.forward_hidden(nxt[:, None], kv_cache=cache)
             logits = lm_logits(model, hidden[:, -1])
     finally:
@@ -405,6 +439,8 @@ def generate(
     seed: int | None = None,
     device: torch.device | str | None = None,
     dtype: str = "auto",
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens.
 
@@ -415,7 +451,7 @@ def generate(
     different random numbers).
     """
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
-                   seed, device, dtype)
+                   seed, device, dtype, frequency_penalty, presence_penalty)
     return [g.content_tokens for g in _run(job, want_logprobs=False)]
 
 
@@ -431,11 +467,13 @@ def generate_details(
     seed: int | None = None,
     device: torch.device | str | None = None,
     dtype: str = "auto",
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> list[Generation]:
     """Like ``generate`` (same arguments, same tokens), but one ``Generation`` per prompt:
     tokens including the stop token, finish reason, and each token's log-probability."""
     job = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_tokens,
-                   seed, device, dtype)
+                   seed, device, dtype, frequency_penalty, presence_penalty)
     return _run(job, want_logprobs=True)
 
 
@@ -537,10 +575,12 @@ def stream(
     seed: int | None = None,
     device: torch.device | str | None = None,
     dtype: str = "auto",
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> TokenStream:
     """Yield the new tokens of one prompt as they are produced (same rules and tokens as ``generate``).
 
     Bad arguments raise here, at the call, not at the first ``next``.
     """
     return TokenStream(_prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                stop_tokens, seed, device, dtype))
+                                stop_tokens, seed, device, dtype, frequency_penalty, presence_penalty))

@@ -105,6 +105,8 @@ class SamplingParams:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= f * times generated so far (the prompt does not count)
+    presence_penalty: float = 0.0  # OpenAI's: logit -= p once a token has been generated
     stop: tuple[str, ...] = ()  # stop strings, not included in the output
     seed: int | None = None
     logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob + top-N alternatives
@@ -124,6 +126,10 @@ class SamplingParams:
             raise bad("top_k", f"must be an integer >= 1, got {self.top_k!r}")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for field in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, field)
+            if not _is_num(value) or not -2 <= value <= 2:
+                raise bad(field, f"must be a number in [-2, 2] (0 = off), got {value!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", f"must be non-empty strings, got {list(self.stop)!r}")
         if self.seed is not None and not _is_int(self.seed):
@@ -489,9 +495,9 @@ class _Request:
         self.last_token = -1
 
     @property
-    def sampling(self) -> tuple[float, int | None, float | None, float]:
+    def sampling(self) -> tuple[float, int | None, float | None, float, float, float]:
         p = self.params
-        return p.temperature, p.top_k, p.top_p, p.repetition_penalty
+        return p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty
 
 
 class Engine:
@@ -516,6 +522,8 @@ class Engine:
         self.cache = SlotKVCache.for_model(model, max_batch)
         # Tokens each cache row has seen (prompt + generated), for the repetition penalty; moves with its row.
         self._seen = torch.zeros(max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        # How often each cache row generated each token, for the frequency and presence penalties.
+        self._counts = torch.zeros(max_batch, self.vocab_size, device=self.device)
         self._sampling: tuple[tuple[int, ...], SamplingRows] | None = None  # rows' settings, rebuilt on change
         self._cv = threading.Condition()  # guards _waiting, _active, _stopping
         self._waiting: deque[_Request] = deque()
@@ -717,6 +725,7 @@ class Engine:
         row = len(self._rows)
         self._seen[row] = False
         self._seen[row, torch.tensor(req.prompt, device=self.device)] = True
+        self._counts[row] = 0
         self.cache.begin_prefill(row)
         idx = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
         hidden = self.model.forward_hidden(idx, kv_cache=self.cache)
@@ -747,7 +756,8 @@ class Engine:
             self._sampling = (key, SamplingRows.build([req.sampling for req in reqs], self.device))
         rows = self._sampling[1]
         seen = self._seen[first_row:first_row + len(reqs)] if rows.any_penalty else None
-        adjusted = adjust_logits_rows(logits, rows, seen)
+        counts = self._counts[first_row:first_row + len(reqs)] if rows.any_counted else None
+        adjusted = adjust_logits_rows(logits, rows, seen, counts)
         return sample_rows(adjusted, rows, None if rows.all_greedy else self._uniforms(reqs))
 
     @staticmethod
@@ -767,6 +777,7 @@ class Engine:
         """Sample a token for each of ``reqs`` (rows first_row..), stream it, retire finished rows."""
         chosen = self._sample(reqs, logits, first_row)
         self._seen[torch.arange(first_row, first_row + len(reqs), device=self.device), chosen] = True
+        self._counts[torch.arange(first_row, first_row + len(reqs), device=self.device), chosen] += 1
         want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
         lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
@@ -842,5 +853,6 @@ class Engine:
             if r != last:
                 self.cache.move(last, r)
                 self._seen[r] = self._seen[last]
+                self._counts[r] = self._counts[last]
                 self._rows[r] = self._rows[last]
             self._rows.pop()

@@ -211,8 +211,6 @@ def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...], what
 def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
     """The sampling fields both endpoints share; ``max_tokens`` is resolved by the caller."""
     _unsupported(body, "n", (1,), "only n=1 is supported; send several requests for several answers")
-    _unsupported(body, "presence_penalty", (0, 0.0), "presence_penalty is not supported (use repetition_penalty)")
-    _unsupported(body, "frequency_penalty", (0, 0.0), "frequency_penalty is not supported (use repetition_penalty)")
     _unsupported(body, "logit_bias", ({},), "logit_bias is not supported")
     stop = body.get("stop")
     if stop is None:
@@ -239,6 +237,8 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         top_p=None if top_p == 1.0 else top_p,
         top_k=top_k,
         repetition_penalty=get_float(body, "repetition_penalty", lo=0.0, hi=10.0, default=1.0, lo_open=True),
+        frequency_penalty=get_float(body, "frequency_penalty", lo=-2.0, hi=2.0, default=0.0),
+        presence_penalty=get_float(body, "presence_penalty", lo=-2.0, hi=2.0, default=0.0),
         stop=stops,
         seed=seed,
     )
