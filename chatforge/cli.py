@@ -6,6 +6,7 @@
     chatforge tokenizer encode TOKENIZER_DIR TEXT
     chatforge pretrain [-c CONFIG] [--set k=v ...] [--init-from MODEL] [--resume]     (also under torchrun)
     chatforge finetune STAGE [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
+    chatforge align dpo [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
     chatforge sample [MODEL] [--name RUN] [--prompt TEXT ...] [sampling flags]
     chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
     chatforge eval perplexity|prompt-classify|checks|probe [MODEL] [--name RUN] ...
@@ -31,7 +32,7 @@ from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
 from chatforge.serve.cli import add_serve_parser
-from chatforge.stages import finetune_stages
+from chatforge.stages import align_stages, finetune_stages
 from chatforge.store.cli import add_feedback_parser
 
 console = Console(highlight=False)
@@ -481,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ft)
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     ft.set_defaults(func=cmd_finetune)
+
+    al = sub.add_parser("align", help="align the chat model with preference pairs (DPO)")
+    al.add_argument("stage", choices=[d.name for d in align_stages()],
+                    help="; ".join(f"{d.name}: {d.describe}" for d in align_stages()))
+    al.add_argument("--init-from", metavar="MODEL",
+                    help="start from this model (also the reference): a stage of the run or a model directory "
+                         "(default: the chat model, sft)")
+    al.add_argument("--train", help="preference pairs, JSONL {prompt, chosen, rejected} (default: SupportWorld's "
+                                    "ranked answers; `chatforge feedback export` writes the app's)")
+    al.add_argument("--val", help="held-out pairs")
+    al.add_argument("--test", help="test pairs")
+    _add_config_args(al)
+    al.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+    al.set_defaults(func=cmd_finetune)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
     _add_model_args(ch, "sft")

@@ -204,6 +204,29 @@ class ChatTuneConfig(FinetuneConfig):
     frequency_penalty: float = 0.5
 
 
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """DPO on preference pairs (``align/dpo.py``), from the SFT model, which is also the reference."""
+
+    beta: float = 0.1  # strength of the leash to the reference (TRL's default)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | robust | hinge | ipo
+    label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO for sigmoid, robust DPO for robust)
+    rpo_alpha: float = 0.0  # weight of the chosen answers' NLL per token added to the loss (RPO; 0 = off)
+    train_pairs: int = 0  # pairs trained on, drawn at random (seeded); 0 = all
+    eval_pairs: int = 256  # held-out pairs scored at each evaluation and at the end; 0 = all
+    # held-out support prompts answered after training and checked (the SupportWorld conversations'
+    # test split unless eval_conversations names other {"messages"} data); 0 = none
+    eval_generate: int = 64
+    eval_conversations: str = ""
+    max_new_tokens: int = 192
+    frequency_penalty: float = 0.5  # for those answers, as in sft
+
+
+def _dpo_defaults() -> DPOConfig:
+    return DPOConfig(batch_size=8, max_steps=200, lr=1e-4, warmup_steps=10, eval_every=100, eval_batches=0,
+                     checkpoint_every=200, min_lr_frac=0.0, weight_decay=0.0)
+
+
 def _sft_defaults() -> ChatTuneConfig:
     return ChatTuneConfig(batch_size=8, max_steps=400, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=20,
                           checkpoint_every=400, min_lr_frac=0.0, replay=0.0)
@@ -248,6 +271,7 @@ class RunConfig:
     tagging: TagConfig = field(default_factory=lambda: TagConfig(
         batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, checkpoint_every=300, max_len=96,
         weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
+    dpo: DPOConfig = field(default_factory=_dpo_defaults)  # SupportWorld ranked answers as preference pairs
 
     @property
     def run_dir(self) -> Path:
@@ -309,6 +333,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"dtype": ("auto", "fp32", "bf16", "fp16"),
                                              "schedule": ("cosine", "wsd", "constant")}
 CLASSIFY_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("last", "mean")}
+DPO_CHOICES: dict[str, tuple[str, ...]] = {"loss_type": ("sigmoid", "robust", "hinge", "ipo")}
 
 
 def training_sections(cfg: RunConfig) -> list[tuple[str, TrainConfig]]:
@@ -323,6 +348,8 @@ def all_choices(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
         out.update({f"{name}.{k}": v for k, v in TRAIN_CHOICES.items()})
         if isinstance(section, ClassifyConfig):
             out.update({f"{name}.{k}": v for k, v in CLASSIFY_CHOICES.items()})
+        if isinstance(section, DPOConfig):
+            out.update({f"{name}.{k}": v for k, v in DPO_CHOICES.items()})
     return out
 
 
@@ -517,6 +544,13 @@ def validate(cfg: RunConfig) -> None:
         if isinstance(section, ChatTuneConfig):
             _check(section.eval_generate >= 0, f"{name}.eval_generate", "must be >= 0")
             _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
+            _check(-2 <= section.frequency_penalty <= 2, f"{name}.frequency_penalty", "must be in [-2, 2] (0 = off)")
+        if isinstance(section, DPOConfig):
+            _check(section.beta > 0, f"{name}.beta", "must be > 0")
+            _check(0 <= section.label_smoothing < 0.5, f"{name}.label_smoothing", "must be in [0, 0.5)")
+            _check(section.rpo_alpha >= 0, f"{name}.rpo_alpha", "must be >= 0 (0 = off)")
+            _check(section.train_pairs >= 0 and section.eval_pairs >= 0 and section.eval_generate >= 0,
+                   f"{name}.train_pairs", "train_pairs, eval_pairs and eval_generate must be >= 0")
             _check(-2 <= section.frequency_penalty <= 2, f"{name}.frequency_penalty", "must be in [-2, 2] (0 = off)")
 
 

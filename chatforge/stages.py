@@ -39,6 +39,7 @@ class StageDecl:
     parent: str | None = "pretrain"  # default init_from: a stage of the run; None = a fresh model
     supportworld: str | None = None  # SupportWorld set read when the section's *_data fields are empty
     files: tuple[tuple[str, str], ...] = ()  # (label, file name in the stage directory) listed as outputs
+    command: str = "finetune"  # the CLI group that runs it alone: ``chatforge finetune NAME`` or ``align NAME``
 
 
 # --------------------------------------------------------------------------- report lines
@@ -101,6 +102,20 @@ def _chat_summary(ev: dict[str, Any]) -> str:
     return line + _forgetting(m)
 
 
+def _dpo_summary(ev: dict[str, Any]) -> str:
+    m, d = ev["metrics"], ev.get("details", {})
+    line = (f"({_train_head(ev)}): {d.get('loss_type', 'sigmoid')} loss, beta {d.get('beta')}; held-out pairs: "
+            f"reward accuracy {100 * m['test_reward_accuracy']:.0f}%, margin {m['test_reward_margin']:.2f} "
+            f"(chosen {m['test_reward_chosen']:+.2f}, rejected {m['test_reward_rejected']:+.2f}) on "
+            f"{m['test_pairs']} pairs")
+    if "test_check_all" in m:
+        shown = [(label, m.get(f"test_check_{key}")) for label, key in CHECK_LABELS]
+        line += (f"\n  SupportWorld checks on {m['checked']} answers: "
+                 + ", ".join(f"{label} {100 * v:.0f}%" for label, v in shown if isinstance(v, int | float))
+                 + f"; all passed {100 * m['test_check_all']:.0f}%")
+    return line + _forgetting(m)
+
+
 def _classify_summary(ev: dict[str, Any]) -> str:
     m = ev["metrics"]
     if "tfidf_logreg_accuracy" in m:
@@ -136,6 +151,9 @@ TRAINING_STAGES: tuple[StageDecl, ...] = (
               "finetune/translate", "generate", "translation model", _chat_summary, supportworld="translation"),
     StageDecl("tagging", "product-attribute tagger (BIO token classification)", "chatforge.finetune.tag:build",
               "finetune/tagging", "tag", "tagging model", _tag_summary, supportworld="tags"),
+    StageDecl("dpo", "DPO on preference pairs, from the SFT model (also the reference)", "chatforge.align.dpo:build",
+              "align/dpo", "chat", "aligned model (DPO)", _dpo_summary, parent="sft", supportworld="preferences",
+              files=(("DPO answers", "answers.jsonl"),), command="align"),
 )
 
 
@@ -147,8 +165,13 @@ def get_stage(name: str) -> StageDecl:
 
 
 def finetune_stages() -> list[StageDecl]:
-    """The stages that start from another model (what ``chatforge finetune`` runs)."""
-    return [d for d in TRAINING_STAGES if d.parent is not None]
+    """The stages ``chatforge finetune`` runs (they start from another model)."""
+    return [d for d in TRAINING_STAGES if d.parent is not None and d.command == "finetune"]
+
+
+def align_stages() -> list[StageDecl]:
+    """The stages ``chatforge align`` runs (they start from the chat model)."""
+    return [d for d in TRAINING_STAGES if d.command == "align"]
 
 
 # --------------------------------------------------------------------------- parents and data
@@ -174,7 +197,8 @@ def resolve_parent(cfg: RunConfig, decl: StageDecl, init_from: str) -> Path | No
     path = parent_path(cfg, decl, init_from)
     if path is not None and not (path / "config.json").is_file():
         value = init_from or decl.parent
-        command = "pretrain" if value == "pretrain" else f"finetune {value}"
+        command = "pretrain" if value == "pretrain" else f"{get_stage(value).command} {value}" \
+            if value in [d.name for d in TRAINING_STAGES] else f"finetune {value}"
         raise ChatforgeError(f"{decl.name} starts from the {value} model, but {path} does not exist; run "
                              f"`chatforge {command}` (or the pipeline) first, or set {decl.name}.init_from")
     return path

@@ -18,9 +18,10 @@ SETS = ["supportworld.corpus_mb=0.6", "supportworld.n_reviews=1500", "supportwor
         "pretrain.checkpoint_every=75", "sft.max_steps=40", "sft.eval_every=0", "sft.eval_generate=8",
         "sft.max_new_tokens=32", "translate.max_steps=40", "translate.eval_every=0", "translate.eval_generate=8",
         "sentiment.max_steps=150", "sentiment.eval_every=0", "intent.max_steps=200", "intent.eval_every=0",
-        "tagging.max_steps=250", "tagging.eval_every=0"]
+        "tagging.max_steps=250", "tagging.eval_every=0", "dpo.max_steps=10", "dpo.eval_every=0",
+        "dpo.train_pairs=80", "dpo.eval_pairs=16", "dpo.eval_generate=4", "dpo.max_new_tokens=32"]
 STAGES = ["supportworld", "collect", "clean", "tokenizer", "shard", "pretrain", "sft", "sentiment", "intent",
-          "translate", "tagging"]
+          "translate", "tagging", "dpo"]
 
 
 def chatforge(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -79,6 +80,12 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert "TF-IDF + logistic regression" in r.stdout
     assert metrics("tagging")["test_entity_f1"] > 0.2
     assert "majority-class baseline" in r.stdout and "forgetting" in r.stdout
+
+    # alignment: DPO starts from the chat model (also its reference) and reports TRL's reward metrics
+    dpo = json.loads((run / "align" / "dpo" / "eval.json").read_text())
+    assert dpo["parent"]["stage"] == "sft" and dpo["parent"]["path"] == "finetune/sft/model"
+    assert dpo["train"]["train_pairs"] == 80 and dpo["metrics"]["test_pairs"] == 16
+    assert 0 <= dpo["metrics"]["test_reward_accuracy"] <= 1 and "held-out pairs: reward accuracy" in r.stdout
 
     # nothing changed: every stage is skipped
     again = chatforge("pipeline", "run", *sets(), cwd=tmp_path)
