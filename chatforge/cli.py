@@ -6,7 +6,8 @@
     chatforge tokenizer encode TOKENIZER_DIR TEXT
     chatforge pretrain [-c CONFIG] [--set k=v ...] [--init-from MODEL] [--resume]     (also under torchrun)
     chatforge finetune STAGE [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
-    chatforge align dpo [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
+    chatforge align reward|dpo [--train F --val F --test F] [--init-from MODEL] [--set k=v ...] [--resume]
+    chatforge align score [REWARD_MODEL] [--name RUN] --prompt TEXT --answer TEXT | --data F
     chatforge sample [MODEL] [--name RUN] [--prompt TEXT ...] [sampling flags]
     chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
     chatforge eval perplexity|prompt-classify|checks|probe [MODEL] [--name RUN] ...
@@ -196,6 +197,30 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     extra = [f"{args.stage}.{split}_data={json.dumps(v)}" for split, v in
              (("train", args.train), ("val", args.val), ("test", args.test)) if v]
     _train_stage(args, args.stage, extra)
+
+
+def cmd_align_score(args: argparse.Namespace) -> None:
+    from chatforge.align.reward import load_reward_model, score_answers
+    from chatforge.device import resolve_device
+    from chatforge.io import read_jsonl
+
+    items: list[tuple[list[dict[str, Any]], str]] = []
+    if args.data:
+        for line, row in read_jsonl(Path(args.data)):
+            answer = row.get("answer", row.get("completion"))
+            prompt = row.get("prompt")
+            if not isinstance(answer, str) or not isinstance(prompt, str | list):
+                raise ChatforgeError(f"{args.data}:{line}: needs 'prompt' (text or messages) and 'answer' (text)")
+            items.append(([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, answer))
+    elif args.prompt is not None and args.answer is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        items.append(([*system, {"role": "user", "content": args.prompt}], args.answer))
+    else:
+        raise ChatforgeError("align score: give --prompt and --answer, or --data FILE")
+    model_dir = _model_dir(args)
+    model, tok = load_reward_model(model_dir, resolve_device(args.device))
+    for score in score_answers(model, tok, items):
+        sys.stdout.write(json.dumps({"score": None if score is None else round(score, 6)}) + "\n")
 
 
 FREQUENCY_PENALTY_HELP = ("OpenAI's, in [-2, 2]: a token's logit drops by this for each time it was already generated "
@@ -483,19 +508,29 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     ft.set_defaults(func=cmd_finetune)
 
-    al = sub.add_parser("align", help="align the chat model with preference pairs (DPO)")
-    al.add_argument("stage", choices=[d.name for d in align_stages()],
-                    help="; ".join(f"{d.name}: {d.describe}" for d in align_stages()))
-    al.add_argument("--init-from", metavar="MODEL",
-                    help="start from this model (also the reference): a stage of the run or a model directory "
-                         "(default: the chat model, sft)")
-    al.add_argument("--train", help="preference pairs, JSONL {prompt, chosen, rejected} (default: SupportWorld's "
-                                    "ranked answers; `chatforge feedback export` writes the app's)")
-    al.add_argument("--val", help="held-out pairs")
-    al.add_argument("--test", help="test pairs")
-    _add_config_args(al)
-    al.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
-    al.set_defaults(func=cmd_finetune)
+    al = sub.add_parser("align", help="align the chat model with preferences: reward model, DPO; score answers")
+    al_sub = al.add_subparsers(dest="stage", required=True)
+    for decl in align_stages():
+        st = al_sub.add_parser(decl.name, help=decl.describe)
+        st.add_argument("--init-from", metavar="MODEL",
+                        help="start from this model: a stage of the run or a model directory (default: the chat "
+                             "model, sft)")
+        st.add_argument("--train", help="preference pairs, JSONL {prompt, chosen, rejected} (default: SupportWorld's "
+                                        "ranked answers; `chatforge feedback export` writes the app's)")
+        st.add_argument("--val", help="held-out pairs")
+        st.add_argument("--test", help="test pairs")
+        _add_config_args(st)
+        st.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+        st.set_defaults(func=cmd_finetune)
+    sc = al_sub.add_parser("score", help="score answers with a reward model (read at each answer's end-of-turn "
+                                         "token)")
+    _add_model_args(sc, "reward")
+    sc.add_argument("--prompt", help="the user's message (one answer to score with --answer)")
+    sc.add_argument("--system", default="", help="system message for --prompt")
+    sc.add_argument("--answer", help="the assistant's answer to --prompt")
+    sc.add_argument("--data", help="JSONL of {prompt, answer} (prompt: text or messages; 'completion' also read)")
+    sc.add_argument("--device", default="auto")
+    sc.set_defaults(func=cmd_align_score)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
     _add_model_args(ch, "sft")

@@ -205,6 +205,20 @@ class ChatTuneConfig(FinetuneConfig):
 
 
 @dataclass
+class RewardConfig(FinetuneConfig):
+    """A reward model on preference pairs (``align/reward.py``): the chat model's backbone + a scalar head."""
+
+    center_rewards_coefficient: float = 0.0  # adds c * (r_chosen + r_rejected)^2: scores stay near 0 (TRL's)
+    train_pairs: int = 0  # pairs trained on, drawn at random (seeded); 0 = all
+    eval_pairs: int = 512  # held-out pairs scored at each evaluation and at the end; 0 = all
+
+
+def _reward_defaults() -> RewardConfig:
+    return RewardConfig(batch_size=8, max_steps=150, lr=3e-4, warmup_steps=10, eval_every=50, eval_batches=0,
+                        checkpoint_every=150, min_lr_frac=0.0, weight_decay=0.0)
+
+
+@dataclass
 class DPOConfig(FinetuneConfig):
     """DPO on preference pairs (``align/dpo.py``), from the SFT model, which is also the reference."""
 
@@ -271,6 +285,7 @@ class RunConfig:
     tagging: TagConfig = field(default_factory=lambda: TagConfig(
         batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, checkpoint_every=300, max_len=96,
         weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
+    reward: RewardConfig = field(default_factory=_reward_defaults)  # SupportWorld ranked answers as pairs
     dpo: DPOConfig = field(default_factory=_dpo_defaults)  # SupportWorld ranked answers as preference pairs
 
     @property
@@ -305,7 +320,13 @@ PRESETS: dict[str, dict[str, Any]] = {
              "pretrain.eval_every": 100, "pretrain.checkpoint_every": 250, "pretrain.eval_batches": 10,
              "sft.batch_size": 4, "sft.max_steps": 1000, "sft.lr": 3e-3, "sft.eval_every": 250,
              "sft.eval_batches": 10, "sft.checkpoint_every": 500, "sft.eval_generate": 128,
-             "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125},
+             "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125,
+             # DPO from the chat model: 60 steps of 8 pairs fit the main job's budget; RPO's NLL term keeps
+             # the chosen answers' probability up (without it, a higher LR lowered every check)
+             "reward.max_steps": 60, "reward.train_pairs": 480, "reward.eval_pairs": 256, "reward.eval_every": 0,
+             "reward.checkpoint_every": 60,
+             "dpo.max_steps": 60, "dpo.train_pairs": 480, "dpo.eval_pairs": 128, "dpo.eval_every": 0,
+             "dpo.checkpoint_every": 60, "dpo.rpo_alpha": 1.0, "dpo.eval_generate": 128},
     # CPU, about half an hour end to end.
     "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
               "model.depth": 6, "model.n_embd": 256, "model.n_head": 4, "model.block_size": 256,
@@ -348,6 +369,10 @@ def all_choices(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
         out.update({f"{name}.{k}": v for k, v in TRAIN_CHOICES.items()})
         if isinstance(section, ClassifyConfig):
             out.update({f"{name}.{k}": v for k, v in CLASSIFY_CHOICES.items()})
+        if isinstance(section, RewardConfig):
+            _check(section.center_rewards_coefficient >= 0, f"{name}.center_rewards_coefficient", "must be >= 0")
+            _check(section.train_pairs >= 0 and section.eval_pairs >= 0, f"{name}.train_pairs",
+                   "train_pairs and eval_pairs must be >= 0")
         if isinstance(section, DPOConfig):
             out.update({f"{name}.{k}": v for k, v in DPO_CHOICES.items()})
     return out
@@ -545,6 +570,10 @@ def validate(cfg: RunConfig) -> None:
             _check(section.eval_generate >= 0, f"{name}.eval_generate", "must be >= 0")
             _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
             _check(-2 <= section.frequency_penalty <= 2, f"{name}.frequency_penalty", "must be in [-2, 2] (0 = off)")
+        if isinstance(section, RewardConfig):
+            _check(section.center_rewards_coefficient >= 0, f"{name}.center_rewards_coefficient", "must be >= 0")
+            _check(section.train_pairs >= 0 and section.eval_pairs >= 0, f"{name}.train_pairs",
+                   "train_pairs and eval_pairs must be >= 0")
         if isinstance(section, DPOConfig):
             _check(section.beta > 0, f"{name}.beta", "must be > 0")
             _check(0 <= section.label_smoothing < 0.5, f"{name}.label_smoothing", "must be in [0, 0.5)")

@@ -102,6 +102,14 @@ def _chat_summary(ev: dict[str, Any]) -> str:
     return line + _forgetting(m)
 
 
+def _reward_summary(ev: dict[str, Any]) -> str:
+    m, q = ev["metrics"], ev.get("details", {}).get("margin_quantiles", {})
+    spread = ", ".join(f"{k} {v:+.2f}" for k, v in q.items())
+    return (f"({_train_head(ev)}): held-out pairwise accuracy {100 * m['test_reward_accuracy']:.1f}% on "
+            f"{m['test_pairs']} pairs (chance 50%); margin r(chosen) - r(rejected): mean {m['test_margin_mean']:+.2f}"
+            + (f" ({spread})" if spread else "") + _forgetting(m))
+
+
 def _dpo_summary(ev: dict[str, Any]) -> str:
     m, d = ev["metrics"], ev.get("details", {})
     line = (f"({_train_head(ev)}): {d.get('loss_type', 'sigmoid')} loss, beta {d.get('beta')}; held-out pairs: "
@@ -109,10 +117,15 @@ def _dpo_summary(ev: dict[str, Any]) -> str:
             f"(chosen {m['test_reward_chosen']:+.2f}, rejected {m['test_reward_rejected']:+.2f}) on "
             f"{m['test_pairs']} pairs")
     if "test_check_all" in m:
-        shown = [(label, m.get(f"test_check_{key}")) for label, key in CHECK_LABELS]
+        before = d.get("parent_checks", {})
+
+        def shown(key: str) -> str:
+            was = before.get(f"test_check_{key}")
+            return f"{100 * m[f'test_check_{key}']:.0f}%" + (f" (SFT {100 * was:.0f}%)" if was is not None else "")
+
         line += (f"\n  SupportWorld checks on {m['checked']} answers: "
-                 + ", ".join(f"{label} {100 * v:.0f}%" for label, v in shown if isinstance(v, int | float))
-                 + f"; all passed {100 * m['test_check_all']:.0f}%")
+                 + ", ".join(f"{label} {shown(key)}" for label, key in CHECK_LABELS if f"test_check_{key}" in m)
+                 + f"; all passed {shown('all')}")
     return line + _forgetting(m)
 
 
@@ -151,6 +164,9 @@ TRAINING_STAGES: tuple[StageDecl, ...] = (
               "finetune/translate", "generate", "translation model", _chat_summary, supportworld="translation"),
     StageDecl("tagging", "product-attribute tagger (BIO token classification)", "chatforge.finetune.tag:build",
               "finetune/tagging", "tag", "tagging model", _tag_summary, supportworld="tags"),
+    StageDecl("reward", "reward model (Bradley-Terry on preference pairs), from the SFT model",
+              "chatforge.align.reward:build", "align/reward", "reward", "reward model", _reward_summary, parent="sft",
+              supportworld="preferences", command="align"),
     StageDecl("dpo", "DPO on preference pairs, from the SFT model (also the reference)", "chatforge.align.dpo:build",
               "align/dpo", "chat", "aligned model (DPO)", _dpo_summary, parent="sft", supportworld="preferences",
               files=(("DPO answers", "answers.jsonl"),), command="align"),

@@ -187,7 +187,8 @@ def test_align_dpo_stage_learns_the_preference_and_keeps_the_sft_model(tmp_path)
     assert m["test_reward_chosen"] > m["test_reward_rejected"]
     assert ev["parent"]["stage"] == "pretrain" and ev["train"]["train_pairs"] == 64
     model, tok, meta = load_model(runs / "r" / "align" / "dpo" / "model")
-    assert meta["task"] == "chat" and meta["dpo"] == {"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0}
+    assert meta["task"] == "chat" and meta["dpo"] == {"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                                      "rpo_alpha": 1.0}  # the tiny preset's RPO term
     metrics = [json.loads(x) for x in (runs / "r" / "align" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/margins" in x for x in metrics)
 

@@ -18,10 +18,11 @@ SETS = ["supportworld.corpus_mb=0.6", "supportworld.n_reviews=1500", "supportwor
         "pretrain.checkpoint_every=75", "sft.max_steps=40", "sft.eval_every=0", "sft.eval_generate=8",
         "sft.max_new_tokens=32", "translate.max_steps=40", "translate.eval_every=0", "translate.eval_generate=8",
         "sentiment.max_steps=150", "sentiment.eval_every=0", "intent.max_steps=200", "intent.eval_every=0",
-        "tagging.max_steps=250", "tagging.eval_every=0", "dpo.max_steps=10", "dpo.eval_every=0",
-        "dpo.train_pairs=80", "dpo.eval_pairs=16", "dpo.eval_generate=4", "dpo.max_new_tokens=32"]
+        "tagging.max_steps=250", "tagging.eval_every=0", "reward.max_steps=10", "reward.eval_every=0",
+        "reward.train_pairs=80", "reward.eval_pairs=32", "dpo.max_steps=10", "dpo.eval_every=0",
+        "dpo.train_pairs=80", "dpo.eval_pairs=16", "dpo.eval_generate=8", "dpo.max_new_tokens=32"]
 STAGES = ["supportworld", "collect", "clean", "tokenizer", "shard", "pretrain", "sft", "sentiment", "intent",
-          "translate", "tagging", "dpo"]
+          "translate", "tagging", "reward", "dpo"]
 
 
 def chatforge(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -81,11 +82,17 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert metrics("tagging")["test_entity_f1"] > 0.2
     assert "majority-class baseline" in r.stdout and "forgetting" in r.stdout
 
-    # alignment: DPO starts from the chat model (also its reference) and reports TRL's reward metrics
+    # alignment: the reward model and DPO start from the chat model
+    rm = json.loads((run / "align" / "reward" / "eval.json").read_text())
+    assert rm["parent"]["stage"] == "sft" and rm["metrics"]["test_pairs"] == 32 and rm["task"] == "reward"
+    assert "held-out pairwise accuracy" in r.stdout
+    # DPO starts from the chat model (also its reference) and reports TRL's reward metrics
     dpo = json.loads((run / "align" / "dpo" / "eval.json").read_text())
     assert dpo["parent"]["stage"] == "sft" and dpo["parent"]["path"] == "finetune/sft/model"
     assert dpo["train"]["train_pairs"] == 80 and dpo["metrics"]["test_pairs"] == 16
     assert 0 <= dpo["metrics"]["test_reward_accuracy"] <= 1 and "held-out pairs: reward accuracy" in r.stdout
+    # the same held-out prompts as SFT's test, so the summary shows the checks before and after
+    assert set(dpo["details"]["parent_checks"]) <= set(dpo["metrics"]) and "(SFT " in r.stdout
 
     # nothing changed: every stage is skipped
     again = chatforge("pipeline", "run", *sets(), cwd=tmp_path)

@@ -37,7 +37,7 @@ share of pairs whose chosen reward is the higher. With π = r every reward is 0 
 
 from __future__ import annotations
 
-import random
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.align.pairs import Pair, load_pairs
+from chatforge.align.pairs import Pair, load_pairs, sample_pairs
 from chatforge.config import DPO_CHOICES, DPOConfig
 from chatforge.errors import ChatforgeError
 from chatforge.finetune.common import ShuffledBatches
@@ -187,13 +187,6 @@ def evaluate_pairs(model: nn.Module, scored: list[ScoredPair], f: DPOConfig, pad
 # --------------------------------------------------------------------------- the stage
 
 
-def _subset(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
-    if n <= 0 or n >= len(pairs):
-        return pairs
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
-    return [pairs[i] for i in keep]
-
-
 def build(ctx: StageContext) -> StageParts:
     """DPO on the parent model (by default the run's SFT model), which is also the reference."""
     from chatforge.finetune.sft import evaluate_generation
@@ -211,8 +204,8 @@ def build(ctx: StageContext) -> StageParts:
         loaded[split] = pairs
     if not loaded["train"]:
         raise ChatforgeError(f"{ctx.sources['train']}: no usable preference pairs")
-    train_pairs = _subset(loaded["train"], f.train_pairs, f.seed)
-    held = {s: _subset(loaded[s], f.eval_pairs, f.seed) for s in ("val", "test")}
+    train_pairs = sample_pairs(loaded["train"], f.train_pairs, f.seed)
+    held = {s: sample_pairs(loaded[s], f.eval_pairs, f.seed) for s in ("val", "test")}
     average = f.loss_type == "ipo"
     n_ref = len(train_pairs) + len(held["val"]) + len(held["test"])
     ctx.say(f"dpo: reference log-probabilities of {n_ref} pairs (computed once; the reference is not kept)")
@@ -242,6 +235,9 @@ def build(ctx: StageContext) -> StageParts:
             details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
             details["answers_from"] = conversations
             files["answers.jsonl"] = rows
+            parent = _parent_checks(ctx, conversations, metrics.get("checked"))
+            if parent:
+                details["parent_checks"] = parent
         primary = "test_check_all" if "test_check_all" in metrics else "test_reward_accuracy"
         return StageTest(metrics=metrics, primary=primary, details=details, files=files)
 
@@ -255,6 +251,21 @@ def build(ctx: StageContext) -> StageParts:
                       "rpo_alpha": f.rpo_alpha}},
         info={"train_pairs": len(scored["train"]), "val_pairs": len(scored["val"])},
     )
+
+
+def _parent_checks(ctx: StageContext, conversations: str, checked: Any) -> dict[str, float]:
+    """The parent's ``test_check_*`` rates when its eval.json scored the same prompts (the same file and
+    count: ``evaluate_generation`` picks them deterministically), for a before/after line."""
+    if ctx.parent is None or not checked:
+        return {}
+    path = ctx.parent.path.parent / "eval.json"
+    try:
+        ev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    m = ev.get("metrics", {})
+    same = ev.get("data", {}).get("test", {}).get("source") == conversations and m.get("checked") == checked
+    return {k: v for k, v in m.items() if k.startswith("test_check_")} if same else {}
 
 
 def _exists(source: str) -> bool:

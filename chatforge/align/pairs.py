@@ -17,6 +17,7 @@ An answer that does not fit after its prompt is cut at the context and counted.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,14 @@ def tokenize_pairs(rows: Iterable[tuple[str, Any]], tok: Tokenizer, max_tokens: 
         pairs.append(Pair(where, c, r, start))
         stats.pairs += 1
     return pairs, stats
+
+
+def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
+    """``n`` of ``pairs`` drawn at random (seeded), in their order; all of them when n is 0 or too large."""
+    if n <= 0 or n >= len(pairs):
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
+    return [pairs[i] for i in keep]
 
 
 def iter_pair_rows(source: str | Path) -> Iterator[tuple[str, Any]]:
