@@ -515,8 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
         st.add_argument("--init-from", metavar="MODEL",
                         help="start from this model: a stage of the run or a model directory (default: the chat "
                              "model, sft)")
-        st.add_argument("--train", help="preference pairs, JSONL {prompt, chosen, rejected} (default: SupportWorld's "
-                                        "ranked answers; `chatforge feedback export` writes the app's)")
+        st.add_argument("--train", help="training data: preference pairs, JSONL {prompt, chosen, rejected}, for "
+                                        "reward and dpo (default: SupportWorld's ranked answers; `chatforge feedback "
+                                        "export` writes the app's); {messages} conversations whose prompts grpo "
+                                        "answers (default: SupportWorld's support conversations)")
         st.add_argument("--val", help="held-out pairs")
         st.add_argument("--test", help="test pairs")
         _add_config_args(st)

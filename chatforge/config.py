@@ -219,6 +219,29 @@ def _reward_defaults() -> RewardConfig:
 
 
 @dataclass
+class GRPOConfig(FinetuneConfig):
+    """GRPO (``align/grpo.py``): sampled answers scored by reward functions, advantages within each group."""
+
+    group_size: int = 4  # answers sampled per prompt (batch_size prompts per micro-batch)
+    temperature: float = 1.0  # sampling temperature (the loss scores tokens at the same temperature)
+    top_k: int = 0  # 0 = off: sample from the policy's whole distribution
+    max_new_tokens: int = 192
+    rewards: list[str] = field(default_factory=lambda: ["checks"])  # "checks" or "package.module:function"
+    reward_weights: list[float] = field(default_factory=list)  # one per reward function; empty = equal
+    scale_rewards: str = "group"  # group (GRPO: divide by the group's std) | none (Dr. GRPO)
+    epsilon_low: float = 0.2  # clip range of the ratio below 1
+    epsilon_high: float = 0.28  # and above (DAPO's clip-higher)
+    kl_beta: float = 0.0  # KL(policy || reference) per token; > 0 keeps a frozen copy of the starting model
+    eval_generate: int = 64  # held-out prompts answered greedily and checked after training; 0 = none
+    frequency_penalty: float = 0.5  # for those answers, as in sft
+
+
+def _grpo_defaults() -> GRPOConfig:
+    return GRPOConfig(batch_size=4, max_steps=50, lr=2e-5, warmup_steps=0, eval_every=0, eval_batches=0,
+                      checkpoint_every=25, min_lr_frac=1.0, schedule="constant", weight_decay=0.0, log_every=1)
+
+
+@dataclass
 class DPOConfig(FinetuneConfig):
     """DPO on preference pairs (``align/dpo.py``), from the SFT model, which is also the reference."""
 
@@ -286,7 +309,8 @@ class RunConfig:
         batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, checkpoint_every=300, max_len=96,
         weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
     reward: RewardConfig = field(default_factory=_reward_defaults)  # SupportWorld ranked answers as pairs
-    dpo: DPOConfig = field(default_factory=_dpo_defaults)  # SupportWorld ranked answers as preference pairs
+    dpo: DPOConfig = field(default_factory=_dpo_defaults)
+    grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks  # SupportWorld ranked answers as preference pairs
 
     @property
     def run_dir(self) -> Path:
@@ -355,6 +379,7 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"dtype": ("auto", "fp32", "bf16", "
                                              "schedule": ("cosine", "wsd", "constant")}
 CLASSIFY_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("last", "mean")}
 DPO_CHOICES: dict[str, tuple[str, ...]] = {"loss_type": ("sigmoid", "robust", "hinge", "ipo")}
+GRPO_CHOICES: dict[str, tuple[str, ...]] = {"scale_rewards": ("group", "none")}
 
 
 def training_sections(cfg: RunConfig) -> list[tuple[str, TrainConfig]]:
@@ -375,6 +400,8 @@ def all_choices(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
                    "train_pairs and eval_pairs must be >= 0")
         if isinstance(section, DPOConfig):
             out.update({f"{name}.{k}": v for k, v in DPO_CHOICES.items()})
+        if isinstance(section, GRPOConfig):
+            out.update({f"{name}.{k}": v for k, v in GRPO_CHOICES.items()})
     return out
 
 
@@ -574,6 +601,14 @@ def validate(cfg: RunConfig) -> None:
             _check(section.center_rewards_coefficient >= 0, f"{name}.center_rewards_coefficient", "must be >= 0")
             _check(section.train_pairs >= 0 and section.eval_pairs >= 0, f"{name}.train_pairs",
                    "train_pairs and eval_pairs must be >= 0")
+        if isinstance(section, GRPOConfig):
+            _check(section.group_size >= 2, f"{name}.group_size", "must be >= 2 (advantages are relative to the group)")
+            _check(section.temperature > 0, f"{name}.temperature", "must be > 0 (greedy answers are all alike)")
+            _check(section.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
+            _check(0 <= section.epsilon_low < 1 and section.epsilon_high >= 0, f"{name}.epsilon_low",
+                   "epsilon_low must be in [0, 1) and epsilon_high >= 0")
+            _check(section.kl_beta >= 0, f"{name}.kl_beta", "must be >= 0 (0 = no KL term)")
+            _check(section.top_k >= 0 and section.eval_generate >= 0, f"{name}.top_k", "top_k and eval_generate must be >= 0")
         if isinstance(section, DPOConfig):
             _check(section.beta > 0, f"{name}.beta", "must be > 0")
             _check(0 <= section.label_smoothing < 0.5, f"{name}.label_smoothing", "must be in [0, 0.5)")

@@ -139,7 +139,7 @@ def training_stage(decl: StageDecl) -> Stage:
 
 def model_stages() -> list[Stage]:
     """Training: pre-training, then fine-tuning (and, later, alignment), as declared in ``chatforge.stages``."""
-    return [training_stage(d) for d in TRAINING_STAGES]
+    return [training_stage(d) for d in TRAINING_STAGES if d.in_pipeline]
 
 
 def all_stages() -> list[Stage]:

@@ -40,6 +40,7 @@ class StageDecl:
     supportworld: str | None = None  # SupportWorld set read when the section's *_data fields are empty
     files: tuple[tuple[str, str], ...] = ()  # (label, file name in the stage directory) listed as outputs
     command: str = "finetune"  # the CLI group that runs it alone: ``chatforge finetune NAME`` or ``align NAME``
+    in_pipeline: bool = True  # whether ``chatforge pipeline run`` runs it (on-policy RL runs by its own command)
 
 
 # --------------------------------------------------------------------------- report lines
@@ -102,6 +103,21 @@ def _chat_summary(ev: dict[str, Any]) -> str:
     return line + _forgetting(m)
 
 
+def _checks_line(m: Metrics, d: dict[str, Any]) -> str:
+    """The checks on held-out answers, each beside the parent's (SFT's) on the same prompts when known."""
+    if "test_check_all" not in m:
+        return ""
+    before = d.get("parent_checks", {})
+
+    def shown(key: str) -> str:
+        was = before.get(f"test_check_{key}")
+        return f"{100 * m[f'test_check_{key}']:.0f}%" + (f" (SFT {100 * was:.0f}%)" if was is not None else "")
+
+    return (f"\n  SupportWorld checks on {m['checked']} answers: "
+            + ", ".join(f"{label} {shown(key)}" for label, key in CHECK_LABELS if f"test_check_{key}" in m)
+            + f"; all passed {shown('all')}")
+
+
 def _reward_summary(ev: dict[str, Any]) -> str:
     m, q = ev["metrics"], ev.get("details", {}).get("margin_quantiles", {})
     spread = ", ".join(f"{k} {v:+.2f}" for k, v in q.items())
@@ -116,17 +132,16 @@ def _dpo_summary(ev: dict[str, Any]) -> str:
             f"reward accuracy {100 * m['test_reward_accuracy']:.0f}%, margin {m['test_reward_margin']:.2f} "
             f"(chosen {m['test_reward_chosen']:+.2f}, rejected {m['test_reward_rejected']:+.2f}) on "
             f"{m['test_pairs']} pairs")
-    if "test_check_all" in m:
-        before = d.get("parent_checks", {})
-
-        def shown(key: str) -> str:
-            was = before.get(f"test_check_{key}")
-            return f"{100 * m[f'test_check_{key}']:.0f}%" + (f" (SFT {100 * was:.0f}%)" if was is not None else "")
-
-        line += (f"\n  SupportWorld checks on {m['checked']} answers: "
-                 + ", ".join(f"{label} {shown(key)}" for label, key in CHECK_LABELS if f"test_check_{key}" in m)
-                 + f"; all passed {shown('all')}")
+    line += _checks_line(m, d)
     return line + _forgetting(m)
+
+
+def _grpo_summary(ev: dict[str, Any]) -> str:
+    m, d = ev["metrics"], ev.get("details", {})
+    line = f"({_train_head(ev)}): rewards {', '.join(d.get('rewards', []))}, groups of {d.get('group_size')}"
+    if "train_reward_first" in m:
+        line += f"; training reward {m['train_reward_first']:.3f} -> {m['train_reward_last']:.3f}"
+    return line + _checks_line(m, d) + _forgetting(m)
 
 
 def _classify_summary(ev: dict[str, Any]) -> str:
@@ -170,6 +185,10 @@ TRAINING_STAGES: tuple[StageDecl, ...] = (
     StageDecl("dpo", "DPO on preference pairs, from the SFT model (also the reference)", "chatforge.align.dpo:build",
               "align/dpo", "chat", "aligned model (DPO)", _dpo_summary, parent="sft", supportworld="preferences",
               files=(("DPO answers", "answers.jsonl"),), command="align"),
+    StageDecl("grpo", "GRPO: sampled answers scored by reward functions (default: SupportWorld's checks)",
+              "chatforge.align.grpo:build", "align/grpo", "chat", "aligned model (GRPO)", _grpo_summary, parent="sft",
+              supportworld="conversations", files=(("GRPO answers", "answers.jsonl"),), command="align",
+              in_pipeline=False),
 )
 
 

@@ -1,0 +1,23 @@
+"""Reward functions the GRPO tests load by name (``grpo_rewards:NAME``), as a user's module would be."""
+
+from __future__ import annotations
+
+
+def starts_with_a(prompt, answer, ended, row):
+    return 1.0 if answer.startswith("a") else 0.0
+
+
+def constant(prompt, answer, ended, row):
+    return 0.5
+
+
+def only_even(prompt, answer, ended, row):
+    return None if len(answer) % 2 else 1.0
+
+
+def broken(prompt, answer, ended, row):
+    raise ValueError("no score today")
+
+
+def ascii_first(prompt, answer, ended, row):
+    return 1.0 if answer and ord(answer[0]) < 128 else 0.0
