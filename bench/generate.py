@@ -25,8 +25,15 @@ top-k 50, top-p 0.95, repetition penalty 1.1, one seed each): tokens/s = all the
 tokens / wall time from the first submit to the last token. This is the path whose
 per-row sampling is now one vectorised call per step.
 
+``rollout`` rows (unless ``--no-rollout``): what GRPO's rollouts do, ``--rollout-batch``
+prompts sampled at temperature 1 with every token's log-probability returned
+(``generate_details``), against ``generate(do_sample=True, temperature=1, top_k=0,
+output_scores=True)`` on the same weights and batch, whose scores give the same
+log-probabilities; fp32.
+
 Rounds are interleaved and the best counts. Ends with ``ratio generate_bN: X`` per
-batch size (fp32): chatforge tokens/s divided by HF tokens/s (higher = chatforge faster).
+batch size (fp32): chatforge tokens/s divided by HF tokens/s (higher = chatforge faster),
+and ``ratio rollout_vs_hf_generate: X`` for the rollout rows.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from _common import (
 )
 
 from chatforge.device import resolve_precision
-from chatforge.model import GPT, generate
+from chatforge.model import GPT, generate, generate_details
 from chatforge.serve.engine import Engine, SamplingParams
 
 DEFAULT = Shape(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096, batch_size=1)
@@ -99,6 +106,9 @@ def main() -> None:
                     help="forward precisions to time (default: fp32, and bf16 where the CPU runs it natively)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the serving engine with sampled requests")
+    ap.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time RL rollouts: sampled, with log-probabilities (generate_details vs HF)")
+    ap.add_argument("--rollout-batch", type=int, default=32, help="prompts per rollout batch (GRPO: 8 x group 4)")
     args = ap.parse_args()
     prompt_len = args.prompt_len or (8 if args.quick else 32)
     new_tokens = args.new_tokens or (16 if args.quick else 128)
@@ -177,10 +187,44 @@ def main() -> None:
     if min(agree.values()) < 1.0:
         print("note: greedy outputs differ somewhere (rounding, bf16 above all, can flip a near-tie); timings "
               "still compare the same amount of work")
+    rollout_ratio = None
+    if args.rollout:
+        rollout_ratio = time_rollouts(model, hf, config, prompt_len, new_tokens, args.rollout_batch, rounds,
+                                      args.seed)
     print()
     d0 = "fp32" if "fp32" in args.dtypes else args.dtypes[0]
     for b in args.batches:
         print(f"ratio generate_b{b}: {best[(hf_name, d0, b)] / best[('chatforge', d0, b)]:.3f}")
+    if rollout_ratio is not None:
+        print(f"ratio rollout_vs_hf_generate: {rollout_ratio:.3f}")
+
+
+def time_rollouts(model: GPT, hf: object, config: object, prompt_len: int, new_tokens: int, batch: int,
+                  rounds: int, seed: int) -> float:
+    """Sampled decoding with per-token log-probabilities, fp32: chatforge tokens/s over HF tokens/s."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen)
+
+    def ours() -> None:
+        out = generate_details(model, prompts.tolist(), new_tokens, temperature=1.0, seed=seed, dtype="fp32")
+        assert all(len(g.logprobs) == new_tokens for g in out)
+
+    def theirs() -> None:
+        torch.manual_seed(seed)
+        out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          output_scores=True, return_dict_in_generate=True)
+        scores = torch.stack(out.scores, dim=1).log_softmax(-1)  # (B, new, V): the sampling distribution
+        picked = scores.gather(-1, out.sequences[:, prompt_len:, None])[..., 0]
+        assert picked.shape == (batch, new_tokens)
+
+    ours(), theirs()  # warmup
+    t_ours = min(timed(ours) for _ in range(rounds))
+    t_hf = min(timed(theirs) for _ in range(rounds))
+    n = batch * new_tokens
+    print(f"\nrollouts (sampled, temperature 1, log-probabilities, fp32, batch {batch}): chatforge "
+          f"{n / t_ours:,.0f} tokens/s, HF generate {n / t_hf:,.0f} tokens/s")
+    return t_hf / t_ours
 
 
 if __name__ == "__main__":
