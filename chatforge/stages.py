@@ -118,6 +118,18 @@ def _checks_line(m: Metrics, d: dict[str, Any]) -> str:
             + f"; all passed {shown('all')}")
 
 
+def _versus_line(m: Metrics) -> str:
+    """Length, KL and reward-model win rate of an aligned model against its parent (``align/compare.py``)."""
+    if "test_answer_tokens" not in m:
+        return ""
+    parts = [f"answers {m['test_answer_tokens']:.0f} tokens"
+             + (f" (SFT {m['test_parent_answer_tokens']:.0f})" if "test_parent_answer_tokens" in m else ""),
+             f"KL from SFT {m['test_kl_from_parent']:.4f} per token"]
+    if "test_rm_win_rate" in m:
+        parts.append(f"reward-model win rate vs SFT {100 * m['test_rm_win_rate']:.0f}% of {m['test_rm_judged']}")
+    return "\n  " + ", ".join(parts)
+
+
 def _reward_summary(ev: dict[str, Any]) -> str:
     m, q = ev["metrics"], ev.get("details", {}).get("margin_quantiles", {})
     spread = ", ".join(f"{k} {v:+.2f}" for k, v in q.items())
@@ -132,7 +144,7 @@ def _dpo_summary(ev: dict[str, Any]) -> str:
             f"reward accuracy {100 * m['test_reward_accuracy']:.0f}%, margin {m['test_reward_margin']:.2f} "
             f"(chosen {m['test_reward_chosen']:+.2f}, rejected {m['test_reward_rejected']:+.2f}) on "
             f"{m['test_pairs']} pairs")
-    line += _checks_line(m, d)
+    line += _checks_line(m, d) + _versus_line(m)
     return line + _forgetting(m)
 
 
@@ -141,7 +153,7 @@ def _grpo_summary(ev: dict[str, Any]) -> str:
     line = f"({_train_head(ev)}): rewards {', '.join(d.get('rewards', []))}, groups of {d.get('group_size')}"
     if "train_reward_first" in m:
         line += f"; training reward {m['train_reward_first']:.3f} -> {m['train_reward_last']:.3f}"
-    return line + _checks_line(m, d) + _forgetting(m)
+    return line + _checks_line(m, d) + _versus_line(m) + _forgetting(m)
 
 
 def _classify_summary(ev: dict[str, Any]) -> str:

@@ -200,3 +200,16 @@ def test_dpo_config_errors():
         load_config(overrides=["dpo.loss_type=kto"])
     with pytest.raises(ConfigError, match="dpo.label_smoothing"):
         load_config(overrides=["dpo.label_smoothing=0.5"])
+
+
+def test_kl_from_the_parent_is_zero_for_identical_models_and_positive_otherwise():
+    import copy
+
+    from chatforge.align.compare import _answer_ids, kl_per_token
+
+    model = tiny_model(seed=4).eval()
+    seqs = [_answer_ids([{"role": "user", "content": "hi"}], "hello there", TOK)]
+    assert abs(kl_per_token(model, copy.deepcopy(model), seqs, FP32)) < 1e-6
+    other = tiny_model(seed=5).eval()
+    torch.nn.init.normal_(other.lm_head.weight)  # a fresh head is zero (uniform): make this one differ
+    assert kl_per_token(model, other, seqs, FP32) > 1e-3

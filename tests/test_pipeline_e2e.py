@@ -93,6 +93,9 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert 0 <= dpo["metrics"]["test_reward_accuracy"] <= 1 and "held-out pairs: reward accuracy" in r.stdout
     # the same held-out prompts as SFT's test, so the summary shows the checks before and after
     assert set(dpo["details"]["parent_checks"]) <= set(dpo["metrics"]) and "(SFT " in r.stdout
+    # and against the SFT model: answer length, KL per token, the reward model's win rate
+    assert dpo["metrics"]["test_kl_from_parent"] >= 0 and 0 <= dpo["metrics"]["test_rm_win_rate"] <= 1
+    assert "KL from SFT" in r.stdout and "reward-model win rate vs SFT" in r.stdout
 
     # nothing changed: every stage is skipped
     again = chatforge("pipeline", "run", *sets(), cwd=tmp_path)

@@ -37,7 +37,6 @@ share of pairs whose chosen reward is the higher. With π = r every reward is 0 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +188,7 @@ def evaluate_pairs(model: nn.Module, scored: list[ScoredPair], f: DPOConfig, pad
 
 def build(ctx: StageContext) -> StageParts:
     """DPO on the parent model (by default the run's SFT model), which is also the reference."""
+    from chatforge.align.compare import parent_checks, versus_parent
     from chatforge.finetune.sft import evaluate_generation
 
     f: DPOConfig = ctx.section
@@ -235,9 +235,12 @@ def build(ctx: StageContext) -> StageParts:
             details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
             details["answers_from"] = conversations
             files["answers.jsonl"] = rows
-            parent = _parent_checks(ctx, conversations, metrics.get("checked"))
+            parent = parent_checks(ctx, conversations, metrics.get("checked"))
             if parent:
                 details["parent_checks"] = parent
+            if ctx.parent is not None:
+                versus = versus_parent(m, tok, rows, ctx.parent.path, ctx.run.root, ctx.precision)
+                metrics.update({f"test_{k}": v for k, v in versus.items()})
         primary = "test_check_all" if "test_check_all" in metrics else "test_reward_accuracy"
         return StageTest(metrics=metrics, primary=primary, details=details, files=files)
 
@@ -251,21 +254,6 @@ def build(ctx: StageContext) -> StageParts:
                       "rpo_alpha": f.rpo_alpha}},
         info={"train_pairs": len(scored["train"]), "val_pairs": len(scored["val"])},
     )
-
-
-def _parent_checks(ctx: StageContext, conversations: str, checked: Any) -> dict[str, float]:
-    """The parent's ``test_check_*`` rates when its eval.json scored the same prompts (the same file and
-    count: ``evaluate_generation`` picks them deterministically), for a before/after line."""
-    if ctx.parent is None or not checked:
-        return {}
-    path = ctx.parent.path.parent / "eval.json"
-    try:
-        ev = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    m = ev.get("metrics", {})
-    same = ev.get("data", {}).get("test", {}).get("source") == conversations and m.get("checked") == checked
-    return {k: v for k, v in m.items() if k.startswith("test_check_")} if same else {}
 
 
 def _exists(source: str) -> bool:

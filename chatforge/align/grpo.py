@@ -207,7 +207,7 @@ def prompt_items(source: str, tok: Any, block: int, min_room: int) -> tuple[list
 
 def build(ctx: StageContext) -> StageParts:
     """GRPO on the parent (by default the run's chat model) with the configured reward functions."""
-    from chatforge.align.dpo import _parent_checks
+    from chatforge.align.compare import parent_checks, versus_parent
     from chatforge.eval.generation import MIN_ROOM
     from chatforge.finetune.sft import evaluate_generation
 
@@ -239,9 +239,12 @@ def build(ctx: StageContext) -> StageParts:
                             for k, v in gen.items() if isinstance(v, int | float)})
             details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
             files["answers.jsonl"] = rows
-            parent = _parent_checks(ctx, conversations, metrics.get("checked"))
+            parent = parent_checks(ctx, conversations, metrics.get("checked"))
             if parent:
                 details["parent_checks"] = parent
+            if ctx.parent is not None:
+                versus = versus_parent(m, tok, rows, ctx.parent.path, ctx.run.root, ctx.precision)
+                metrics.update({f"test_{k}": v for k, v in versus.items()})
         log = ctx.out.root / "metrics.jsonl"
         if log.is_file():  # the last logged training reward (mean over the logging window)
             lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
