@@ -345,12 +345,12 @@ PRESETS: dict[str, dict[str, Any]] = {
              "sft.batch_size": 4, "sft.max_steps": 1000, "sft.lr": 3e-3, "sft.eval_every": 250,
              "sft.eval_batches": 10, "sft.checkpoint_every": 500, "sft.eval_generate": 128,
              "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125,
-             # DPO from the chat model: 60 steps of 8 pairs fit the main job's budget; RPO's NLL term keeps
+             # The reward model and DPO: 40 steps of 8 pairs each fit the main job's budget; RPO's NLL term keeps
              # the chosen answers' probability up (without it, a higher LR lowered every check)
-             "reward.max_steps": 60, "reward.train_pairs": 480, "reward.eval_pairs": 256, "reward.eval_every": 0,
-             "reward.checkpoint_every": 60,
-             "dpo.max_steps": 60, "dpo.train_pairs": 480, "dpo.eval_pairs": 128, "dpo.eval_every": 0,
-             "dpo.checkpoint_every": 60, "dpo.rpo_alpha": 1.0, "dpo.eval_generate": 128},
+             "reward.max_steps": 40, "reward.train_pairs": 320, "reward.eval_pairs": 256, "reward.eval_every": 0,
+             "reward.checkpoint_every": 40,
+             "dpo.max_steps": 40, "dpo.train_pairs": 320, "dpo.eval_pairs": 64, "dpo.eval_every": 0,
+             "dpo.checkpoint_every": 40, "dpo.rpo_alpha": 1.0, "dpo.eval_generate": 64},
     # CPU, about half an hour end to end.
     "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
               "model.depth": 6, "model.n_embd": 256, "model.n_head": 4, "model.block_size": 256,

@@ -29,19 +29,26 @@ from chatforge.chat.template import render
 from chatforge.train.stage import StageContext
 
 
-def parent_checks(ctx: StageContext, conversations: str, checked: Any) -> dict[str, float]:
-    """The parent's ``test_check_*`` rates when its eval.json scored the same prompts (the same file and
-    count: ``evaluate_generation`` picks them deterministically), for a before/after line."""
-    if ctx.parent is None or not checked:
+def parent_checks(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The parent's ``test_check_*`` rates on the same prompts as ``rows`` (this model's checked test answers),
+    from the parent's own ``answers.jsonl``; {} when it lacks any of them (e.g. another test set)."""
+    from chatforge.eval.checks import CHECKS, summarize
+
+    ours = {r["where"] for r in rows if r.get("checks")}
+    if ctx.parent is None or not ours:
         return {}
-    path = ctx.parent.path.parent / "eval.json"
-    try:
-        ev = json.loads(path.read_text())
-    except (OSError, ValueError):
+    theirs = {r["where"]: r["checks"] for r in _read_rows(ctx.parent.path.parent / "answers.jsonl")
+              if r.get("checks")}
+    if not ours <= set(theirs):
         return {}
-    m = ev.get("metrics", {})
-    same = ev.get("data", {}).get("test", {}).get("source") == conversations and m.get("checked") == checked
-    return {k: v for k, v in m.items() if k.startswith("test_check_")} if same else {}
+    report = summarize(("", theirs[w]) for w in sorted(ours))["checks"]
+    return {f"test_check_{k}": report[k]["rate"] for k in (*CHECKS, "all") if report[k]["n"]}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _answer_ids(prompt: list[dict[str, Any]], answer: str, tok: Any) -> tuple[list[int], int]:
@@ -77,13 +84,8 @@ def versus_parent(policy: nn.Module, tok: Any, rows: list[dict[str, Any]], paren
     answered = [r for r in rows if r.get("answer") is not None]
     if not answered:
         return {}
-    parent_rows = {}
-    path = Path(parent_dir).parent / "answers.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            if r.get("answer") is not None:
-                parent_rows[r["where"]] = r["answer"]
+    parent_rows = {r["where"]: r["answer"] for r in _read_rows(Path(parent_dir).parent / "answers.jsonl")
+                   if r.get("answer") is not None}
     seqs = [_answer_ids(r["prompt"], r["answer"], tok) for r in answered]
     out: dict[str, float] = {"answer_tokens": sum(len(s) - start for s, start in seqs) / len(seqs)}
     device = next(policy.parameters()).device

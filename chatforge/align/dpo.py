@@ -235,7 +235,7 @@ def build(ctx: StageContext) -> StageParts:
             details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
             details["answers_from"] = conversations
             files["answers.jsonl"] = rows
-            parent = parent_checks(ctx, conversations, metrics.get("checked"))
+            parent = parent_checks(ctx, rows)
             if parent:
                 details["parent_checks"] = parent
             if ctx.parent is not None:
