@@ -28,3 +28,22 @@ def make_run(runs: Path, name: str, n_docs: int = 300) -> Path:
     tok.save(run / "tokenizer")
     shard_corpus(run / "data" / "clean.jsonl", tok, run / "data", ShardConfig(val_fraction=0.1))
     return run
+
+
+TINY_PRETRAIN = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
+                 "pretrain.max_steps=10", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0"]
+
+
+def pretrained_run(tmp_path: Path) -> tuple[Path, list[str]]:
+    """``tmp_path/runs/r`` with a tiny model pre-trained 10 steps (the base of the alignment stages' tests):
+    the runs directory and the config overrides that name it."""
+    import json
+
+    from chatforge.config import load_config
+    from chatforge.train.pretrain import pretrain
+
+    runs = tmp_path / "runs"
+    make_run(runs, "r")
+    base = [*TINY_PRETRAIN, f"runs_dir={json.dumps(str(runs))}", "name=r"]
+    pretrain(load_config(overrides=base), progress=False)
+    return runs, base

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import pretrained_run
 
 from chatforge.align.dpo import (
     answer_logps,
@@ -26,7 +26,6 @@ from chatforge.io import write_jsonl
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train.checkpoint import load_model
-from chatforge.train.pretrain import pretrain
 from chatforge.train.stage import run_stage
 
 TOK = ByteTokenizer()
@@ -160,12 +159,7 @@ def test_bad_pair_rows_name_the_line_and_field(tmp_path, bad, message):
 
 
 def test_align_dpo_stage_learns_the_preference_and_keeps_the_sft_model(tmp_path):
-    runs = tmp_path / "runs"
-    make_run(runs, "r")
-    base = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
-            "pretrain.max_steps=10", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0",
-            f"runs_dir={json.dumps(str(runs))}", "name=r"]
-    pretrain(load_config(overrides=base), progress=False)
+    runs, base = pretrained_run(tmp_path)
     rng = random.Random(0)
     sets = {}
     for split, n in (("train", 64), ("val", 16), ("test", 16)):

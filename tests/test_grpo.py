@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import pretrained_run
 
 from chatforge.align.grpo import PromptItem, Rollouts, group_advantages, grpo_loss
 from chatforge.align.rewards import CombinedReward
@@ -18,7 +18,6 @@ from chatforge.io import write_jsonl
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train.dist import DistInfo
-from chatforge.train.pretrain import pretrain
 from chatforge.train.stage import run_stage
 
 TOK = ByteTokenizer()
@@ -117,12 +116,7 @@ def test_grpo_stage_runs_on_conversations_and_is_not_in_the_pipeline(tmp_path):
     from chatforge.pipeline import model_stages
 
     assert "grpo" not in [s.name for s in model_stages()] and "dpo" in [s.name for s in model_stages()]
-    runs = tmp_path / "runs"
-    make_run(runs, "r")
-    base = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
-            "pretrain.max_steps=10", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0",
-            f"runs_dir={json.dumps(str(runs))}", "name=r"]
-    pretrain(load_config(overrides=base), progress=False)
+    runs, base = pretrained_run(tmp_path)
     rows = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "a"}]}
             for i in range(12)]
     write_jsonl(tmp_path / "c.jsonl", rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import pretrained_run
 from torch import nn
 
 from chatforge.align.pairs import tokenize_pairs
@@ -28,7 +28,6 @@ from chatforge.io import write_jsonl
 from chatforge.model import GPT, GPTConfig
 from chatforge.model.heads import GPTWithHead, ScalarHead
 from chatforge.tokenizer.byte import ByteTokenizer
-from chatforge.train.pretrain import pretrain
 from chatforge.train.stage import run_stage
 
 TOK = ByteTokenizer()
@@ -87,12 +86,7 @@ def test_the_score_is_read_at_the_end_of_turn_token_never_at_padding():
 
 
 def test_reward_stage_learns_the_preference_and_scores_with_the_cli(tmp_path):
-    runs = tmp_path / "runs"
-    make_run(runs, "r")
-    base = ["model.depth=2", "model.n_embd=32", "model.n_head=2", "model.block_size=96", "pretrain.batch_size=4",
-            "pretrain.max_steps=10", "pretrain.eval_every=0", "pretrain.dtype=fp32", "pretrain.checkpoint_every=0",
-            f"runs_dir={json.dumps(str(runs))}", "name=r"]
-    pretrain(load_config(overrides=base), progress=False)
+    runs, base = pretrained_run(tmp_path)
     rng = random.Random(0)
     sets = {}
     for split, n in (("train", 96), ("val", 24), ("test", 24)):

@@ -29,6 +29,26 @@ from chatforge.chat.template import render
 from chatforge.train.stage import StageContext
 
 
+def held_out_answers(ctx: StageContext, m: nn.Module, conversations: str, n: int, max_new_tokens: int,
+                     frequency_penalty: float) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """An aligned model's greedy answers to ``n`` held-out prompts of ``conversations`` (as SFT's test picks
+    them), scored like SFT's (BLEU/chrF, SupportWorld's checks) and against the parent: ``(metrics, details,
+    answer rows)``."""
+    from chatforge.finetune.sft import evaluate_generation
+
+    gen, rows = evaluate_generation(m, ctx.tokenizer, conversations, n, max_new_tokens, ctx.device, frequency_penalty)
+    metrics = {f"test_{k}" if k in ("bleu", "chrf", "status_correct") or k.startswith("check_") else k: v
+               for k, v in gen.items() if isinstance(v, int | float)}
+    details = {k: v for k, v in gen.items() if not isinstance(v, int | float)}
+    parent = parent_checks(ctx, rows)
+    if parent:
+        details["parent_checks"] = parent
+    if ctx.parent is not None:
+        versus = versus_parent(m, ctx.tokenizer, rows, ctx.parent.path, ctx.run.root, ctx.precision)
+        metrics.update({f"test_{k}": v for k, v in versus.items()})
+    return metrics, details, rows
+
+
 def parent_checks(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, float]:
     """The parent's ``test_check_*`` rates on the same prompts as ``rows`` (this model's checked test answers),
     from the parent's own ``answers.jsonl``; {} when it lacks any of them (e.g. another test set)."""

@@ -188,11 +188,10 @@ def evaluate_pairs(model: nn.Module, scored: list[ScoredPair], f: DPOConfig, pad
 
 def build(ctx: StageContext) -> StageParts:
     """DPO on the parent model (by default the run's SFT model), which is also the reference."""
-    from chatforge.align.compare import parent_checks, versus_parent
-    from chatforge.finetune.sft import evaluate_generation
+    from chatforge.align.compare import held_out_answers
 
     f: DPOConfig = ctx.section
-    tok, model, device = ctx.tokenizer, ctx.backbone, ctx.device
+    tok, model = ctx.tokenizer, ctx.backbone
     if f.loss_type not in LOSS_TYPES:
         raise ChatforgeError(f"dpo.loss_type: {f.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     block = model.config.block_size
@@ -228,19 +227,11 @@ def build(ctx: StageContext) -> StageParts:
         files: dict[str, Any] = {}
         conversations = f.eval_conversations or str(ctx.run.supportworld / "conversations" / "test.jsonl")
         if f.eval_generate and _exists(conversations):
-            gen, rows = evaluate_generation(m, tok, conversations, f.eval_generate, f.max_new_tokens, device,
-                                            f.frequency_penalty)
-            metrics.update({f"test_{k}" if k in ("bleu", "chrf", "status_correct") or k.startswith("check_") else k: v
-                            for k, v in gen.items() if isinstance(v, int | float)})
-            details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
-            details["answers_from"] = conversations
+            gen, more, rows = held_out_answers(ctx, m, conversations, f.eval_generate, f.max_new_tokens,
+                                               f.frequency_penalty)
+            metrics.update(gen)
+            details.update(more, answers_from=conversations)
             files["answers.jsonl"] = rows
-            parent = parent_checks(ctx, rows)
-            if parent:
-                details["parent_checks"] = parent
-            if ctx.parent is not None:
-                versus = versus_parent(m, tok, rows, ctx.parent.path, ctx.run.root, ctx.precision)
-                metrics.update({f"test_{k}": v for k, v in versus.items()})
         primary = "test_check_all" if "test_check_all" in metrics else "test_reward_accuracy"
         return StageTest(metrics=metrics, primary=primary, details=details, files=files)
 

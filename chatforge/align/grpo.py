@@ -207,12 +207,11 @@ def prompt_items(source: str, tok: Any, block: int, min_room: int) -> tuple[list
 
 def build(ctx: StageContext) -> StageParts:
     """GRPO on the parent (by default the run's chat model) with the configured reward functions."""
-    from chatforge.align.compare import parent_checks, versus_parent
+    from chatforge.align.compare import held_out_answers
     from chatforge.eval.generation import MIN_ROOM
-    from chatforge.finetune.sft import evaluate_generation
 
     f: GRPOConfig = ctx.section
-    tok, model, device = ctx.tokenizer, ctx.backbone, ctx.device
+    tok, model = ctx.tokenizer, ctx.backbone
     block = model.config.block_size
     items, skipped = prompt_items(ctx.sources["train"], tok, block, MIN_ROOM)
     ctx.say(f"grpo: {len(items)} prompts" + (f" ({skipped} left out: they leave under {MIN_ROOM} tokens to answer)"
@@ -233,18 +232,11 @@ def build(ctx: StageContext) -> StageParts:
         files: dict[str, Any] = {}
         conversations = ctx.sources["test"]
         if f.eval_generate:
-            gen, rows = evaluate_generation(m, tok, conversations, f.eval_generate, f.max_new_tokens, device,
-                                            f.frequency_penalty)
-            metrics.update({f"test_{k}" if k in ("bleu", "chrf", "status_correct") or k.startswith("check_") else k: v
-                            for k, v in gen.items() if isinstance(v, int | float)})
-            details.update({k: v for k, v in gen.items() if not isinstance(v, int | float)})
+            gen, more, rows = held_out_answers(ctx, m, conversations, f.eval_generate, f.max_new_tokens,
+                                               f.frequency_penalty)
+            metrics.update(gen)
+            details.update(more)
             files["answers.jsonl"] = rows
-            parent = parent_checks(ctx, rows)
-            if parent:
-                details["parent_checks"] = parent
-            if ctx.parent is not None:
-                versus = versus_parent(m, tok, rows, ctx.parent.path, ctx.run.root, ctx.precision)
-                metrics.update({f"test_{k}": v for k, v in versus.items()})
         log = ctx.out.root / "metrics.jsonl"
         if log.is_file():  # the last logged training reward (mean over the logging window)
             lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
