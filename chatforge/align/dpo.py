@@ -91,8 +91,8 @@ class ScoredPair:
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """The chosen answers' rows, then the rejected answers' rows, right-padded: inputs, targets
-    (-1 off the answer), and ``row_pair`` (B,) for nothing but reading the batch's shape."""
+    """The chosen answers' rows, then the rejected answers' rows, right-padded: inputs and targets
+    (-1 off the answer)."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     starts = [p.start for p in pairs] * 2
     width = max(len(s) for s in seqs) - 1

@@ -73,7 +73,8 @@ def pair_margins(model: nn.Module, pairs: list[Pair], pad_id: int, batch_size: i
     out = []
     with precision.autocast():
         for k in range(0, len(pairs), batch_size):
-            scores = model(*pair_rows(pairs[k:k + batch_size], pad_id).values())
+            b = pair_rows(pairs[k:k + batch_size], pad_id)
+            scores = model(b["idx"], b["attention_mask"])
             n = scores.numel() // 2
             out.append((scores[:n] - scores[n:]).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
