@@ -223,6 +223,79 @@ def cmd_align_score(args: argparse.Namespace) -> None:
         sys.stdout.write(json.dumps({"score": None if score is None else round(score, 6)}) + "\n")
 
 
+def cmd_align_pairs(args: argparse.Namespace) -> None:
+    from chatforge.align.rewards import CombinedReward
+    from chatforge.align.sampled import sample_pairs_from_model
+    from chatforge.device import resolve_device
+    from chatforge.paths import RunPaths
+    from chatforge.train.checkpoint import load_model
+
+    model_dir = _model_dir(args)
+    run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
+    data = args.data or str(run.supportworld / "conversations" / "train.jsonl")
+    rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else []
+    reward = CombinedReward(rewards, weights, data, run.root, model_dir)
+    model, tok, _ = load_model(model_dir, resolve_device(args.device))
+    out = Path(args.out) if args.out else run.root / "align" / "pairs" / "sampled.jsonl"
+    stats = sample_pairs_from_model(model, tok, data, reward, out, args.samples, args.limit, args.temperature,
+                                    args.top_k, args.max_new_tokens, seed=args.seed, dtype=args.dtype,
+                                    min_gap=args.min_gap)
+    print(f"{out}: {stats.summary()}")
+    print(f"train on them: chatforge align dpo --train {out}")
+
+
+def _feedback_db(args: argparse.Namespace) -> str:
+    from chatforge.paths import RunPaths
+    from chatforge.store.db import default_db_url
+
+    return args.db or default_db_url(RunPaths.of(args.runs_dir or "runs", args.name or "default").root)
+
+
+def cmd_align_compare_queue(args: argparse.Namespace) -> None:
+    from chatforge.align.review import parent_of, queue_comparison
+    from chatforge.store.db import Store
+
+    aligned = _model_dir(args)
+    parent = Path(args.against) if args.against else parent_of(aligned)
+    reviewers = [r.strip() for r in args.reviewers.split(",") if r.strip()]
+    store = Store(_feedback_db(args))
+    try:
+        out = queue_comparison(store, aligned, parent, reviewers, args.prompts, args.overlap, args.dataset,
+                               args.owner)
+    finally:
+        store.close()
+    print(f"queued a blind comparison of {out['aligned']} against {out['parent']}: {out['prompts']} prompts, "
+          f"{out['assignments']} ranking assignments for {', '.join(reviewers)} in dataset {out['dataset']!r} "
+          f"(reviewers see it under Rank in the web app); read it back with "
+          f"`chatforge align compare result {json.dumps(out['dataset'])}`")
+
+
+def cmd_align_compare_result(args: argparse.Namespace) -> None:
+    from chatforge.align.review import comparison_result
+    from chatforge.store.db import Store
+
+    store = Store(_feedback_db(args))
+    try:
+        out = comparison_result(store, args.dataset)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    if not out["judgements"]:
+        print(f"{out['dataset']}: no judgements yet ({out['aligned']} vs {out['parent']})")
+        return
+    low, high = out["interval_95"]
+    line = (f"{out['aligned']} vs {out['parent']}: the aligned answer was preferred in {out['aligned_wins']} of "
+            f"{out['judgements']} blind judgements, win rate {100 * out['win_rate']:.0f}% (95% interval "
+            f"{100 * low:.0f}-{100 * high:.0f}%)")
+    if out.get("pairwise_agreement") is not None:
+        line += (f"; reviewers agree on {100 * out['pairwise_agreement']:.0f}% of the "
+                 f"{out['agreement_prompts']} prompts ranked by two or more")
+    print(line)
+
+
 FREQUENCY_PENALTY_HELP = ("OpenAI's, in [-2, 2]: a token's logit drops by this for each time it was already generated "
                           "(the prompt does not count); default: eval.generation.FREQUENCY_PENALTY (0.5), which "
                           "breaks a small model's greedy one-token loops")
@@ -508,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     ft.set_defaults(func=cmd_finetune)
 
-    al = sub.add_parser("align", help="align the chat model with preferences: reward model, DPO; score answers")
+    al = sub.add_parser("align", help="align the chat model: reward model, DPO, PPO, GRPO; score answers")
     al_sub = al.add_subparsers(dest="stage", required=True)
     for decl in align_stages():
         st = al_sub.add_parser(decl.name, help=decl.describe)
@@ -517,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model, sft)")
         st.add_argument("--train", help="training data: preference pairs, JSONL {prompt, chosen, rejected}, for "
                                         "reward and dpo (default: SupportWorld's ranked answers; `chatforge feedback "
-                                        "export` writes the app's); {messages} conversations whose prompts grpo "
+                                        "export` writes the app's); {messages} conversations whose prompts ppo and grpo "
                                         "answers (default: SupportWorld's support conversations)")
         st.add_argument("--val", help="held-out pairs")
         st.add_argument("--test", help="test pairs")
@@ -533,6 +606,46 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", help="JSONL of {prompt, answer} (prompt: text or messages; 'completion' also read)")
     sc.add_argument("--device", default="auto")
     sc.set_defaults(func=cmd_align_score)
+    pr = al_sub.add_parser("pairs", help="preference pairs from the model's own samples, best vs worst by reward "
+                                         "functions (on-policy pairs for dpo)")
+    _add_model_args(pr, "sft")
+    pr.add_argument("--data", help="{messages} conversations whose prompts are answered (default: SupportWorld's "
+                                   "training conversations)")
+    pr.add_argument("--rewards", default="checks", help="comma-separated reward functions: checks, reward_model[:DIR],"
+                                                        " package.module:function (default: checks)")
+    pr.add_argument("--reward-weights", help="comma-separated weights, one per reward function")
+    pr.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (default 4)")
+    pr.add_argument("--limit", type=int, default=0, help="use the first N prompts (0 = all)")
+    pr.add_argument("--temperature", type=float, default=1.0)
+    pr.add_argument("--top-k", type=int, default=0, help="0 = off")
+    pr.add_argument("--max-new-tokens", type=int, default=192)
+    pr.add_argument("--min-gap", type=float, default=0.0, help="keep only pairs whose best and worst scores differ "
+                                                              "by at least this (e.g. 0.3: two of six checks)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", help="output JSONL (default: runs/RUN/align/pairs/sampled.jsonl)")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--dtype", default="auto")
+    pr.set_defaults(func=cmd_align_pairs)
+    cmp = al_sub.add_parser("compare", help="blind reviewer comparison of an aligned model against its parent in "
+                                            "the feedback app: queue it, then read the win rate back")
+    cmp_sub = cmp.add_subparsers(dest="compare", required=True)
+    q = cmp_sub.add_parser("queue", help="import both models' held-out answers as a ranking dataset and assign it")
+    _add_model_args(q, "dpo")
+    q.add_argument("--against", metavar="MODEL_DIR", help="the model to compare with (default: MODEL's parent)")
+    q.add_argument("--reviewers", required=True, help="comma-separated usernames (role reviewer or admin)")
+    q.add_argument("--prompts", type=int, default=50, help="held-out prompts to compare (0 = all answered by both)")
+    q.add_argument("--overlap", type=int, default=1, help="reviewers per prompt (2 or more measures agreement)")
+    q.add_argument("--dataset", help="dataset name (default: 'blind STAGE@VERSION vs STAGE@VERSION')")
+    q.add_argument("--owner", help="admin user owning the dataset (default: the first admin)")
+    q.add_argument("--db", help="feedback database URL (default: the run's feedback.db, the one serve uses)")
+    q.set_defaults(func=cmd_align_compare_queue)
+    r = cmp_sub.add_parser("result", help="the aligned model's blind win rate, with the number of judgements")
+    r.add_argument("dataset", help="the dataset `compare queue` printed")
+    r.add_argument("--name", help="run name (default: 'default')")
+    r.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    r.add_argument("--db", help="feedback database URL (default: the run's feedback.db)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(func=cmd_align_compare_result)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
     _add_model_args(ch, "sft")

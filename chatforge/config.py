@@ -206,15 +206,16 @@ class ChatTuneConfig(FinetuneConfig):
 
 @dataclass
 class RewardConfig(FinetuneConfig):
-    """A reward model on preference pairs (``align/reward.py``): the chat model's backbone + a scalar head."""
+    """A reward model on preference pairs or rankings (``align/reward.py``): the chat model's backbone + a
+    scalar head. ``batch_size`` counts prompts: each comes with all its pairs."""
 
     center_rewards_coefficient: float = 0.0  # adds c * (r_chosen + r_rejected)^2: scores stay near 0 (TRL's)
-    train_pairs: int = 0  # pairs trained on, drawn at random (seeded); 0 = all
+    train_pairs: int = 0  # pairs trained on: whole prompts drawn at random (seeded) until this many; 0 = all
     eval_pairs: int = 512  # held-out pairs scored at each evaluation and at the end; 0 = all
 
 
 def _reward_defaults() -> RewardConfig:
-    return RewardConfig(batch_size=8, max_steps=150, lr=3e-4, warmup_steps=10, eval_every=50, eval_batches=0,
+    return RewardConfig(batch_size=4, max_steps=150, lr=3e-4, warmup_steps=10, eval_every=50, eval_batches=0,
                         checkpoint_every=150, min_lr_frac=0.0, weight_decay=0.0)
 
 
@@ -226,7 +227,7 @@ class GRPOConfig(FinetuneConfig):
     temperature: float = 1.0  # sampling temperature (the loss scores tokens at the same temperature)
     top_k: int = 0  # 0 = off: sample from the policy's whole distribution
     max_new_tokens: int = 192
-    rewards: list[str] = field(default_factory=lambda: ["checks"])  # "checks" or "package.module:function"
+    rewards: list[str] = field(default_factory=lambda: ["checks"])  # "checks", "reward_model[:DIR]", "pkg.mod:fn"
     reward_weights: list[float] = field(default_factory=list)  # one per reward function; empty = equal
     scale_rewards: str = "group"  # group (GRPO: divide by the group's std) | none (Dr. GRPO)
     epsilon_low: float = 0.2  # clip range of the ratio below 1
@@ -239,6 +240,44 @@ class GRPOConfig(FinetuneConfig):
 def _grpo_defaults() -> GRPOConfig:
     return GRPOConfig(batch_size=4, max_steps=50, lr=2e-5, warmup_steps=0, eval_every=0, eval_batches=0,
                       checkpoint_every=25, min_lr_frac=1.0, schedule="constant", weight_decay=0.0, log_every=1)
+
+
+@dataclass
+class PPOConfig(FinetuneConfig):
+    """PPO with a KL leash (``align/ppo.py``): rollouts scored by the reward model, a value head, GAE.
+
+    ``batch_size`` answers make one optimizer step (a mini-batch); a rollout samples
+    ``batch_size * rollout_batches`` answers, one per prompt, and is trained on for ``ppo_epochs``
+    passes, so ``max_steps`` counts optimizer steps: ``rollout_batches * ppo_epochs`` per rollout.
+    ``replay`` > 0 mixes the pre-training loss in (PPO-ptx)."""
+
+    rollout_batches: int = 2  # mini-batches per rollout
+    ppo_epochs: int = 2  # passes over each rollout
+    temperature: float = 1.0  # sampling temperature (log-probabilities, KL and entropy use the same)
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 192
+    # "reward" (the run's reward model), a reward-model directory, or "none" (then ``rewards`` alone)
+    reward_model: str = "reward"
+    rewards: list[str] = field(default_factory=list)  # reward functions added to the score ("checks", "pkg.mod:fn")
+    reward_weights: list[float] = field(default_factory=list)
+    normalize_rewards: bool = True  # scores scaled by their running mean and std over the run's rollouts
+    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut at max_new_tokens
+    kl_coef: float = 0.05  # beta of the per-token -beta * KL(policy || reference) reward
+    kl_target: float = 0.0  # > 0: adapt kl_coef toward this KL per answer (Ziegler et al.); 0 = fixed
+    kl_horizon: int = 10000  # the adaptive controller's horizon, in answers
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    whiten_advantages: bool = True
+    eval_generate: int = 64  # held-out prompts answered greedily and checked after training; 0 = none
+    frequency_penalty: float = 0.5  # for those answers, as in sft
+
+
+def _ppo_defaults() -> PPOConfig:
+    return PPOConfig(batch_size=8, max_steps=40, lr=2e-5, warmup_steps=0, eval_every=0, eval_batches=0,
+                     checkpoint_every=20, min_lr_frac=1.0, schedule="constant", weight_decay=0.0, log_every=1)
 
 
 @dataclass
@@ -310,7 +349,8 @@ class RunConfig:
         weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
     reward: RewardConfig = field(default_factory=_reward_defaults)  # SupportWorld ranked answers as pairs
     dpo: DPOConfig = field(default_factory=_dpo_defaults)
-    grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks  # SupportWorld ranked answers as preference pairs
+    ppo: PPOConfig = field(default_factory=_ppo_defaults)  # SupportWorld support prompts, the run's reward model
+    grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks
 
     @property
     def run_dir(self) -> Path:
@@ -345,12 +385,16 @@ PRESETS: dict[str, dict[str, Any]] = {
              "sft.batch_size": 4, "sft.max_steps": 1000, "sft.lr": 3e-3, "sft.eval_every": 250,
              "sft.eval_batches": 10, "sft.checkpoint_every": 500, "sft.eval_generate": 128,
              "translate.batch_size": 4, "translate.max_steps": 250, "translate.eval_every": 125,
-             # The reward model and DPO: 40 steps of 8 pairs each fit the main job's budget; RPO's NLL term keeps
-             # the chosen answers' probability up (without it, a higher LR lowered every check)
-             "reward.max_steps": 40, "reward.train_pairs": 320, "reward.eval_pairs": 256, "reward.eval_every": 0,
-             "reward.checkpoint_every": 40,
+             # The reward model: 40 steps of 4 prompts (each best answer against its 3 worse ones); DPO: 40
+             # steps of 8 pairs. Both fit the main job's budget; RPO's NLL term keeps the chosen answers' probability up
+             # (without it, a higher LR lowered every check)
+             "reward.max_steps": 40, "reward.batch_size": 4, "reward.train_pairs": 0, "reward.eval_pairs": 256,
+             "reward.eval_every": 0, "reward.checkpoint_every": 40,
              "dpo.max_steps": 40, "dpo.train_pairs": 320, "dpo.eval_pairs": 64, "dpo.eval_every": 0,
-             "dpo.checkpoint_every": 40, "dpo.rpo_alpha": 1.0, "dpo.eval_generate": 64},
+             "dpo.checkpoint_every": 40, "dpo.rpo_alpha": 1.0, "dpo.eval_generate": 64,
+             # GRPO (its own command): 60 steps of 8 prompts x 4 answers at LR 2e-4 raised the mean check on
+             # all 408 held-out prompts by 1.1 points (95% CI +0.1..+2.0) where 5e-5 did nothing (+0.0)
+             "grpo.lr": 2e-4, "grpo.batch_size": 8, "grpo.max_steps": 60, "grpo.checkpoint_every": 30},
     # CPU, about half an hour end to end.
     "small": {"supportworld.corpus_mb": 12.0, "tokenizer.vocab_size": 8192,
               "model.depth": 6, "model.n_embd": 256, "model.n_head": 4, "model.block_size": 256,
@@ -609,6 +653,20 @@ def validate(cfg: RunConfig) -> None:
                    "epsilon_low must be in [0, 1) and epsilon_high >= 0")
             _check(section.kl_beta >= 0, f"{name}.kl_beta", "must be >= 0 (0 = no KL term)")
             _check(section.top_k >= 0 and section.eval_generate >= 0, f"{name}.top_k", "top_k and eval_generate must be >= 0")
+        if isinstance(section, PPOConfig):
+            _check(section.rollout_batches >= 1 and section.ppo_epochs >= 1, f"{name}.rollout_batches",
+                   "rollout_batches and ppo_epochs must be >= 1")
+            _check(section.temperature > 0, f"{name}.temperature", "must be > 0 (the policy samples its rollouts)")
+            _check(section.max_new_tokens >= 1 and section.top_k >= 0 and section.eval_generate >= 0,
+                   f"{name}.max_new_tokens", "max_new_tokens must be >= 1, top_k and eval_generate >= 0")
+            _check(section.kl_coef >= 0 and section.kl_target >= 0 and section.kl_horizon >= 1, f"{name}.kl_coef",
+                   "kl_coef and kl_target must be >= 0 and kl_horizon >= 1")
+            _check(0 < section.gamma <= 1 and 0 <= section.lam <= 1, f"{name}.gamma", "gamma must be in (0, 1], lam in [0, 1]")
+            _check(section.cliprange > 0 and section.cliprange_value > 0 and section.vf_coef >= 0, f"{name}.cliprange",
+                   "cliprange and cliprange_value must be > 0, vf_coef >= 0")
+            _check(section.reward_model != "none" or bool(section.rewards), f"{name}.reward_model",
+                   "is none and ppo.rewards is empty: nothing scores the answers")
+            _check(-2 <= section.frequency_penalty <= 2, f"{name}.frequency_penalty", "must be in [-2, 2] (0 = off)")
         if isinstance(section, DPOConfig):
             _check(section.beta > 0, f"{name}.beta", "must be > 0")
             _check(0 <= section.label_smoothing < 0.5, f"{name}.label_smoothing", "must be in [0, 0.5)")

@@ -156,6 +156,17 @@ def _grpo_summary(ev: dict[str, Any]) -> str:
     return line + _checks_line(m, d) + _versus_line(m) + _forgetting(m)
 
 
+def _ppo_summary(ev: dict[str, Any]) -> str:
+    m, d = ev["metrics"], ev.get("details", {})
+    scored_by = ", ".join(([f"reward model {d['reward_model']}"] if d.get("reward_model") else [])
+                          + list(d.get("rewards", [])))
+    line = f"({_train_head(ev)}): scored by {scored_by}"
+    if "train_score_first" in m:
+        line += (f"; rollout score {m['train_score_first']:.3f} -> {m['train_score_last']:.3f}, KL to the start "
+                 f"{m['train_kl_last']:.3f} per answer (coefficient {m['kl_coef_last']:.3g})")
+    return line + _checks_line(m, d) + _versus_line(m) + _forgetting(m)
+
+
 def _classify_summary(ev: dict[str, Any]) -> str:
     m = ev["metrics"]
     if "tfidf_logreg_accuracy" in m:
@@ -197,6 +208,10 @@ TRAINING_STAGES: tuple[StageDecl, ...] = (
     StageDecl("dpo", "DPO on preference pairs, from the SFT model (also the reference)", "chatforge.align.dpo:build",
               "align/dpo", "chat", "aligned model (DPO)", _dpo_summary, parent="sft", supportworld="preferences",
               files=(("DPO answers", "answers.jsonl"),), command="align"),
+    StageDecl("ppo", "PPO: sampled answers scored by the reward model, a value head, GAE and a KL leash to the "
+              "chat model", "chatforge.align.ppo:build", "align/ppo", "chat", "aligned model (PPO)", _ppo_summary,
+              parent="sft", supportworld="conversations", files=(("PPO answers", "answers.jsonl"),), command="align",
+              in_pipeline=False),
     StageDecl("grpo", "GRPO: sampled answers scored by reward functions (default: SupportWorld's checks)",
               "chatforge.align.grpo:build", "align/grpo", "chat", "aligned model (GRPO)", _grpo_summary, parent="sft",
               supportworld="conversations", files=(("GRPO answers", "answers.jsonl"),), command="align",

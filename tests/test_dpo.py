@@ -21,7 +21,7 @@ from chatforge.align.dpo import (
 from chatforge.align.pairs import load_pairs, tokenize_pairs
 from chatforge.config import DPOConfig, load_config
 from chatforge.device import resolve_precision
-from chatforge.errors import ConfigError, DataError
+from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.io import write_jsonl
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
@@ -207,3 +207,32 @@ def test_kl_from_the_parent_is_zero_for_identical_models_and_positive_otherwise(
     other = tiny_model(seed=5).eval()
     torch.nn.init.normal_(other.lm_head.weight)  # a fresh head is zero (uniform): make this one differ
     assert kl_per_token(model, other, seqs, FP32) > 1e-3
+
+
+def test_pairs_sampled_from_the_model_and_judged_by_a_reward_are_dpo_data(tmp_path):
+    from chatforge.align.rewards import CombinedReward
+    from chatforge.align.sampled import sample_pairs_from_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=TOK.vocab_size, block_size=64))
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(6)]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    src = str(tmp_path / "c.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    stats = sample_pairs_from_model(model, TOK, src, CombinedReward(["grpo_rewards:ascii_first"], [], src), out,
+                                    samples=6, max_new_tokens=4, say=lambda s: None)
+    assert stats.prompts == 6 and stats.pairs + stats.flat + stats.unscored == 6 and stats.pairs >= 3
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    for r in written:  # the chosen answer starts with an ASCII character, the rejected one does not
+        assert ord(r["chosen"][0]["content"][0]) < 128 <= ord(r["rejected"][0]["content"][0])
+        assert r["meta"]["chosen_score"] == 1.0 and r["meta"]["rejected_score"] == 0.0
+    pairs, _ = load_pairs(out, TOK, 65)
+    assert len(pairs) == stats.pairs  # DPO and the reward model read them as they are
+    with pytest.raises(ChatforgeError, match=r"no pairs: .* closer than the minimum gap"):  # 0/1 scores: gap 1
+        sample_pairs_from_model(model, TOK, src, CombinedReward(["grpo_rewards:ascii_first"], [], src),
+                                tmp_path / "gap.jsonl", samples=6, max_new_tokens=4, min_gap=1.5, say=lambda s: None)
+    with pytest.raises(ChatforgeError, match=r"no pairs: 6 prompts' answers all scored the same"):
+        sample_pairs_from_model(model, TOK, src, CombinedReward(["grpo_rewards:constant"], [], src),
+                                tmp_path / "none.jsonl", samples=3, max_new_tokens=4, say=lambda s: None)
+    assert not (tmp_path / "none.jsonl").exists()

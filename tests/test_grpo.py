@@ -68,7 +68,7 @@ def test_flat_and_truncated_steps_warn_and_unscorable_answers_are_masked():
 def test_a_reward_that_raises_names_itself_and_bad_names_are_config_errors():
     with pytest.raises(ChatforgeError, match=r"reward function 'grpo_rewards:broken' raised on t:\d: ValueError"):
         next(rollouts(tiny_model(), "grpo_rewards:broken", []))
-    with pytest.raises(ConfigError, match="neither 'checks' nor"):
+    with pytest.raises(ConfigError, match=r"neither .checks., .reward_model\[:DIR\]. nor"):
         CombinedReward(["nonsense"], [], "")
     with pytest.raises(ConfigError, match="cannot load"):
         CombinedReward(["grpo_rewards:missing"], [], "")

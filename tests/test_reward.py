@@ -14,16 +14,18 @@ import torch
 from helpers import pretrained_run
 from torch import nn
 
-from chatforge.align.pairs import tokenize_pairs
+from chatforge.align.pairs import by_prompt, sample_groups, tokenize_pairs
 from chatforge.align.reward import (
+    collate_groups,
     collate_scored,
     load_reward_model,
+    pair_rows,
     require_same_tokenizer,
     reward_loss,
     score_answers,
 )
 from chatforge.config import load_config
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.io import write_jsonl
 from chatforge.model import GPT, GPTConfig
 from chatforge.model.heads import GPTWithHead, ScalarHead
@@ -136,3 +138,35 @@ def test_reward_config_errors_and_pairs_that_cannot_be_scored():
         load_config(overrides=["reward.center_rewards_coefficient=-1"])
     pairs, stats = tokenize_pairs([("t:1", row("a", "b", "b"))], TOK, 64)
     assert pairs == [] and stats.skipped == {"with identical chosen and rejected answers": 1}
+
+
+def ranking(prompt: str, ranked: list[tuple[str, int]]) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "candidates": [{"text": t, "rank": r, "quality": "x"} for t, r in ranked]}
+
+
+def test_a_k_way_ranking_gives_all_its_pairs_kept_together_and_each_answer_scored_once():
+    rows = [("f.jsonl:1", ranking("where is it?", [("worst", 2), ("best", 0), ("middle", 1), ("tied", 1)])),
+            ("f.jsonl:2", row("other?", "yes", "no")), ("f.jsonl:3", row("other?", "yes", "never"))]
+    pairs, stats = tokenize_pairs(rows, TOK, 200)
+    # best > middle, tied, worst; middle > worst; tied > worst; the tie makes no pair
+    assert stats.rows == 3 and stats.pairs == 5 + 2 and len(pairs) == 7
+    assert [p.where for p in pairs[:2]] == ["f.jsonl:1 (rank 0 > 1)"] * 2
+    groups = by_prompt(pairs)
+    assert [len(g) for g in groups] == [5, 2]  # the two rows sharing a prompt are kept together too
+    batch = collate_groups(groups, TOK.pad_id)
+    assert batch["idx"].shape[0] == 4 + 3  # each answer once: 4 ranked, then yes/no/never
+    grouped = reward_loss(FixedScores([float(i) for i in range(7)]), batch)
+    # the same pairs laid out one row per answer of each pair give the same loss
+    flat = pair_rows(pairs, TOK.pad_id)
+    score_of = {tuple(batch["idx"][i][batch["attention_mask"][i]].tolist()): float(i) for i in range(7)}
+    flat_scores = [score_of[tuple(flat["idx"][i][flat["attention_mask"][i]].tolist())] for i in range(14)]
+    assert grouped.count == 7 and grouped.sum.item() == pytest.approx(
+        reward_loss(FixedScores(flat_scores), flat).sum.item(), abs=1e-6)
+    assert sample_groups(groups, 2, seed=0) in ([groups[0]], [groups[1]])  # whole prompts, never split
+    assert sample_groups(groups, 0, seed=0) == groups
+    with pytest.raises(DataError, match=r"f.jsonl:9: candidates\[1\] must be an object with 'text'"):
+        tokenize_pairs([("f.jsonl:9", {"prompt": "p", "candidates": [{"text": "a", "rank": 0}, {"text": "b"}]})],
+                       TOK, 200)
+    with pytest.raises(DataError, match="at least 2 answers"):
+        tokenize_pairs([("f.jsonl:9", {"prompt": "p", "candidates": [{"text": "a", "rank": 0}]})], TOK, 200)

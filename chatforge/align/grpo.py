@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from chatforge.align.rewards import CombinedReward
-from chatforge.chat.template import parse_assistant, render, stop_token_ids
+from chatforge.align.rollout import PromptItem, pack_answers, prompt_items, spread, token_logps
+from chatforge.chat.template import parse_assistant, stop_token_ids
 from chatforge.config import GRPOConfig
 from chatforge.errors import ChatforgeError
 from chatforge.finetune.common import EpochShuffler
@@ -40,14 +39,6 @@ from chatforge.model.generate import generate_details
 from chatforge.train.dist import DistInfo
 from chatforge.train.loop import LossOutput, TrainResult
 from chatforge.train.stage import StageContext, StageParts, StageTest
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    where: str
-    messages: list[dict[str, Any]]
-    ids: list[int]
-    row: dict[str, Any]
 
 
 def group_advantages(rewards: list[float | None], group_size: int, scale: str) -> tuple[list[float], list[bool], int]:
@@ -121,18 +112,10 @@ class Rollouts:
 
     def _pack(self, prompts: list[list[int]], gens: list[Any], adv: list[float], valid: list[bool],
               rewards: list[float | None], flat: int, cut: int) -> dict[str, Any]:
-        seqs = [p + g.tokens for p, g in zip(prompts, gens)]
-        width = max(max(len(s) for s in seqs) - 1, 1)
-        n = len(seqs)
-        idx = np.full((n, width), self.tok.pad_id, dtype=np.int64)
-        targets = np.full((n, width), -1, dtype=np.int64)
-        old = np.zeros((n, width), dtype=np.float32)
-        for i, (p, g, s) in enumerate(zip(prompts, gens, seqs)):
-            idx[i, :len(s) - 1] = s[:-1]
-            if valid[i] and g.tokens:
-                targets[i, len(p) - 1:len(s) - 1] = g.tokens
-                old[i, len(p) - 1:len(s) - 1] = g.logprobs
-        batch = {"idx": torch.from_numpy(idx), "targets": torch.from_numpy(targets), "old_logps": torch.from_numpy(old),
+        idx, targets = pack_answers(prompts, [g.tokens for g in gens], self.tok.pad_id, valid)
+        old = spread([g.logprobs for g in gens], targets)
+        n = len(gens)
+        batch = {"idx": idx, "targets": targets, "old_logps": old,
                  "advantages": torch.tensor(adv, dtype=torch.float32),
                  "reward_sum": sum(r for r in rewards if r is not None), "scored": sum(valid),
                  "flat_groups": flat, "groups": len(prompts) // self.f.group_size, "cut": cut, "answers": n,
@@ -141,17 +124,6 @@ class Rollouts:
             batch["ref_logps"] = token_logps(self.reference, batch["idx"], batch["targets"], self.f.temperature,
                                              self.precision, grad=False)
         return batch
-
-
-def token_logps(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, temperature: float, precision: Any,
-                grad: bool = True) -> torch.Tensor:
-    """(B, T) log-probability of each target token at ``temperature`` (0 where the target is -1)."""
-    device = next(model.parameters()).device
-    idx, targets = idx.to(device), targets.to(device)
-    with torch.set_grad_enabled(grad), precision.autocast():
-        logits = model(idx)[0].float() / max(temperature, 1e-6)
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return lp * (targets != -1)
 
 
 def grpo_loss(model: nn.Module, batch: dict[str, Any], f: GRPOConfig, precision: Any) -> LossOutput:
@@ -182,29 +154,6 @@ def grpo_loss(model: nn.Module, batch: dict[str, Any], f: GRPOConfig, precision:
 # --------------------------------------------------------------------------- the stage
 
 
-def prompt_items(source: str, tok: Any, block: int, min_room: int) -> tuple[list[PromptItem], int]:
-    """The prompts of a conversations file (its main support question on SupportWorld data, else every
-    conversation's last prompt), with the row as metadata; how many were left out for lack of room."""
-    from chatforge.data.records import iter_records
-    from chatforge.eval.checks import is_support_row, support_prompt
-
-    items, skipped = [], 0
-    for where, row in iter_records(source, "train"):
-        if is_support_row(row):
-            prompt = support_prompt(row)[0]
-        else:
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise ChatforgeError(f"{where}: GRPO prompts need {{\"messages\": [...]}} rows")
-            prompt = msgs[:-1] if msgs[-1].get("role") == "assistant" else msgs
-        ids = render(prompt, tok, add_generation_prompt=True, where=where).ids
-        if len(ids) + min_room > block:
-            skipped += 1
-            continue
-        items.append(PromptItem(where, prompt, ids, row))
-    return items, skipped
-
-
 def build(ctx: StageContext) -> StageParts:
     """GRPO on the parent (by default the run's chat model) with the configured reward functions."""
     from chatforge.align.compare import held_out_answers
@@ -213,12 +162,13 @@ def build(ctx: StageContext) -> StageParts:
     f: GRPOConfig = ctx.section
     tok, model = ctx.tokenizer, ctx.backbone
     block = model.config.block_size
-    items, skipped = prompt_items(ctx.sources["train"], tok, block, MIN_ROOM)
+    items, skipped = prompt_items(ctx.sources["train"], tok, block, MIN_ROOM, "grpo")
     ctx.say(f"grpo: {len(items)} prompts" + (f" ({skipped} left out: they leave under {MIN_ROOM} tokens to answer)"
                                               if skipped else ""))
     if not items:
         raise ChatforgeError(f"{ctx.sources['train']}: no prompts to sample answers to")
-    reward = CombinedReward(f.rewards, f.reward_weights, ctx.sources["train"])
+    reward = CombinedReward(f.rewards, f.reward_weights, ctx.sources["train"], ctx.run.root,
+                               ctx.parent.path if ctx.parent else None)
     reference = None
     if f.kl_beta:
         reference = copy.deepcopy(model).eval()

@@ -109,32 +109,95 @@ def render_pair(prompt: list[dict[str, Any]], chosen: list[dict[str, Any]], reje
     return ids[0], ids[1], start
 
 
+def ranking_pairs(row: dict[str, Any], where: str) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                   list[dict[str, Any]], str]]:
+    """Every ``(prompt, better, worse, where)`` pair of a K-way ranking row (SupportWorld's ``candidates``
+    files): ``{"prompt", "candidates": [{"text", "rank"}, ...]}``, rank 0 the best; equal ranks make no pair."""
+    cands = row["candidates"]
+    if not isinstance(cands, list) or len(cands) < 2:
+        raise DataError(f"{where}: field 'candidates' must list at least 2 answers to rank")
+    ranked = []
+    for i, c in enumerate(cands):
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str) or \
+                isinstance(c.get("rank"), bool) or not isinstance(c.get("rank"), int):
+            raise DataError(f"{where}: candidates[{i}] must be an object with 'text' (a string) and 'rank' "
+                            "(an integer, 0 = best)")
+        ranked.append((c["rank"], c["text"]))
+    prompt = _messages(row.get("prompt"), where, "prompt")
+    validate_messages(prompt, f"{where}: field 'prompt'")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'prompt' ends with an assistant message; the answers go in 'candidates'")
+    ranked.sort(key=lambda rt: rt[0])
+    out = []
+    for i, (ri, better) in enumerate(ranked):
+        for rj, worse in ranked[i + 1:]:
+            if ri < rj:
+                out.append((prompt, [{"role": "assistant", "content": better}],
+                            [{"role": "assistant", "content": worse}], f"{where} (rank {ri} > {rj})"))
+    return out
+
+
 def tokenize_pairs(rows: Iterable[tuple[str, Any]], tok: Tokenizer, max_tokens: int) -> tuple[list[Pair], PairStats]:
-    """Pairs of ``(where, row)``, each answer cut to ``max_tokens`` in all (context + 1: inputs and targets)."""
+    """Pairs of ``(where, row)``, each answer cut to ``max_tokens`` in all (context + 1: inputs and targets).
+    A ranking row (``candidates``) gives all its pairs."""
     stats = PairStats()
     pairs: list[Pair] = []
-    for where, row in rows:
+    for row_where, row in rows:
         stats.rows += 1
-        prompt, chosen, rejected = pair_messages(row, where)
-        if chosen == rejected:
-            stats.skip("with identical chosen and rejected answers")
-            continue
-        if any(not "".join(m["content"] for m in a).strip() for a in (chosen, rejected)):
-            stats.skip("with an empty answer")
-            continue
-        c, r, start = render_pair(prompt, chosen, rejected, tok, where)
-        if start + MIN_ANSWER_TOKENS > max_tokens:
-            stats.skip("whose prompt leaves no room in the context")
-            continue
-        if len(c) > max_tokens or len(r) > max_tokens:
-            stats.truncated += 1
-            c, r = c[:max_tokens], r[:max_tokens]
-        if c == r:  # the answers differed only past the cut
-            stats.skip("whose answers are identical within the context")
-            continue
-        pairs.append(Pair(where, c, r, start))
-        stats.pairs += 1
+        if isinstance(row, dict) and "candidates" in row and "chosen" not in row:
+            expanded = ranking_pairs(row, row_where)
+        else:
+            expanded = [(*pair_messages(row, row_where), row_where)]
+        for prompt, chosen, rejected, where in expanded:
+            _add_pair(pairs, stats, prompt, chosen, rejected, tok, max_tokens, where)
     return pairs, stats
+
+
+def _add_pair(pairs: list[Pair], stats: PairStats, prompt: list[dict[str, Any]], chosen: list[dict[str, Any]],
+              rejected: list[dict[str, Any]], tok: Tokenizer, max_tokens: int, where: str) -> None:
+    if chosen == rejected:
+        stats.skip("with identical chosen and rejected answers")
+        return
+    if any(not "".join(m["content"] for m in a).strip() for a in (chosen, rejected)):
+        stats.skip("with an empty answer")
+        return
+    c, r, start = render_pair(prompt, chosen, rejected, tok, where)
+    if start + MIN_ANSWER_TOKENS > max_tokens:
+        stats.skip("whose prompt leaves no room in the context")
+        return
+    if len(c) > max_tokens or len(r) > max_tokens:
+        stats.truncated += 1
+        c, r = c[:max_tokens], r[:max_tokens]
+    if c == r:  # the answers differed only past the cut
+        stats.skip("whose answers are identical within the context")
+        return
+    pairs.append(Pair(where, c, r, start))
+    stats.pairs += 1
+
+
+def by_prompt(pairs: list[Pair]) -> list[list[Pair]]:
+    """Pairs grouped by their prompt's token ids, in order of first appearance: a ranking's pairs (or a
+    file's rows that share a prompt) stay together, as InstructGPT trains on them."""
+    groups: dict[tuple[int, ...], list[Pair]] = {}
+    for p in pairs:
+        groups.setdefault(tuple(p.chosen[:p.start]), []).append(p)
+    return list(groups.values())
+
+
+def sample_groups(groups: list[list[Pair]], n_pairs: int, seed: int) -> list[list[Pair]]:
+    """Whole groups drawn at random (seeded) until they hold at least ``n_pairs`` pairs, in their order;
+    all of them when n_pairs is 0 or too large."""
+    if n_pairs <= 0 or n_pairs >= sum(len(g) for g in groups):
+        return groups
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    keep, total = [], 0
+    for i in order:
+        if total >= n_pairs:
+            break
+        keep.append(i)
+        total += len(groups[i])
+    return [groups[i] for i in sorted(keep)]
 
 
 def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:

@@ -9,8 +9,20 @@ The score of an answer is read at its end-of-turn token ``<|end|>``: the sequenc
 chat-rendered prompt and answer, right-padded, and the head reads the last real token,
 which for a whole answer is its ``<|end|>`` (never a padding position: tested). A pair whose
 answer does not fit the context has no end-of-turn token to read, so it is skipped and
-counted. SupportWorld's preference file holds each prompt's best answer against every
-worse one (a ranking expanded into pairs).
+counted.
+
+The training data may hold pairs (TRL's rows) or K-way rankings (``{"prompt", "candidates":
+[{"text", "rank"}]}``, as SupportWorld's ``candidates`` files), a ranking giving all its
+K(K-1)/2 pairs. As InstructGPT trains, a prompt's pairs stay together: a batch holds
+``batch_size`` prompts with all their pairs (a ranking's, or the rows sharing that prompt),
+and each answer is scored once however many pairs it is in (so a batch costs K sequences per
+prompt, and the pairs of one ranking, which are not independent, never spread over epochs
+as if they were). ``train_pairs`` draws whole prompts at random until it has that many pairs.
+
+By default the stage reads SupportWorld's ``preferences`` (each prompt's best answer against
+each of 3 worse ones, grouped back per prompt): on the tiny preset's 40 steps this scored
+79.3% held-out pairwise accuracy on those pairs, against 53.9% when trained on all 6 pairs
+of each 4-way ranking (the order among the bad answers costs the budget).
 
 A reward model scores token ids, so it only scores a policy that shares its tokenizer:
 ``require_same_tokenizer`` refuses another, naming both.
@@ -26,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.align.pairs import Pair, load_pairs, sample_pairs
+from chatforge.align.pairs import Pair, by_prompt, load_pairs, sample_groups, sample_pairs
 from chatforge.chat.template import render
 from chatforge.config import RewardConfig
 from chatforge.errors import ChatforgeError
@@ -53,12 +65,40 @@ def pair_rows(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return collate_scored([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
+def collate_groups(groups: list[list[Pair]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each prompt's answers once (right-padded, as ``collate_scored``) and ``pairs`` (P, 2): the rows of each
+    pair's better and worse answer. A K-way ranking's K(K-1)/2 pairs cost K sequences, not K(K-1)."""
+    seqs: list[list[int]] = []
+    index: list[list[int]] = []
+    for group in groups:
+        row_of: dict[tuple[int, ...], int] = {}
+        for p in group:
+            pair = []
+            for ids in (p.chosen, p.rejected):
+                key = tuple(ids)
+                if key not in row_of:
+                    row_of[key] = len(seqs)
+                    seqs.append(ids)
+                pair.append(row_of[key])
+            index.append(pair)
+    batch = collate_scored(seqs, pad_id)
+    batch["pairs"] = torch.tensor(index, dtype=torch.long)
+    return batch
+
+
 def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], center: float = 0.0) -> LossOutput:
-    """Bradley–Terry over a micro-batch of pairs: (sum over pairs, pairs, accuracy and margin)."""
+    """Bradley–Terry over a micro-batch of pairs: (sum over pairs, pairs, accuracy and margin). The batch is
+    ``collate_groups``'s (each sequence once, pairs as row indices) or ``pair_rows``' (chosen rows, then
+    rejected)."""
     device = next(model.parameters()).device
     scores = model(batch["idx"].to(device), batch["attention_mask"].to(device))
-    n = scores.numel() // 2
-    chosen, rejected = scores[:n], scores[n:]
+    if "pairs" in batch:
+        pairs = batch["pairs"].to(device)
+        chosen, rejected = scores[pairs[:, 0]], scores[pairs[:, 1]]
+    else:
+        n = scores.numel() // 2
+        chosen, rejected = scores[:n], scores[n:]
+    n = chosen.numel()
     losses = -F.logsigmoid(chosen - rejected)
     if center:
         losses = losses + center * (chosen + rejected) ** 2
@@ -101,7 +141,9 @@ def build(ctx: StageContext) -> StageParts:
         sets[split] = pairs
     if not sets["train"]:
         raise ChatforgeError(f"{ctx.sources['train']}: no usable preference pairs")
-    train = sample_pairs(sets["train"], f.train_pairs, f.seed)
+    # a prompt's pairs (a ranking, or rows sharing the prompt) stay together in one batch (InstructGPT)
+    groups = sample_groups(by_prompt(sets["train"]), f.train_pairs, f.seed)
+    train_pairs = sum(len(g) for g in groups)
     held = {s: sample_pairs(sets[s], f.eval_pairs, f.seed) for s in ("val", "test")}
     model = GPTWithHead(backbone, ScalarHead(backbone.config.n_embd, reduce="last")).to(device)
 
@@ -120,14 +162,14 @@ def build(ctx: StageContext) -> StageParts:
                    "center_rewards_coefficient": f.center_rewards_coefficient}
         return StageTest(metrics=metrics, primary="test_reward_accuracy", details=details)
 
-    mean_len = sum(len(p.chosen) + len(p.rejected) for p in train) / len(train)
+    group_tokens = sum(sum(len(s) for s in {tuple(x) for p in g for x in (p.chosen, p.rejected)}) for g in groups)
     return StageParts(
         model=model,
-        batches=ShuffledBatches(train, f.batch_size, f.seed, lambda b: pair_rows(b, tok.pad_id), ctx.dist),
+        batches=ShuffledBatches(groups, f.batch_size, f.seed, lambda b: collate_groups(b, tok.pad_id), ctx.dist),
         loss=lambda m, b: reward_loss(m, b, f.center_rewards_coefficient),
-        tokens_per_micro_batch=max(1, round(mean_len * f.batch_size)), evaluate=evaluate, test=test,
-        keep_trainable=("head",), units_per_batch=f.batch_size,
-        info={"train_pairs": len(train), "val_pairs": len(held["val"])},
+        tokens_per_micro_batch=max(1, round(group_tokens / len(groups) * f.batch_size)), evaluate=evaluate,
+        test=test, keep_trainable=("head",), units_per_batch=f.batch_size * train_pairs / len(groups),
+        info={"train_pairs": train_pairs, "train_prompts": len(groups), "val_pairs": len(held["val"])},
     )
 
 

@@ -140,6 +140,9 @@ class StageParts:
     units_per_batch: float = 0.0  # expected loss units per micro-batch (sizes the replay weight)
     info: dict[str, Any] = field(default_factory=dict)  # numbers known before training (examples, truncation)
     flops_per_token: float | None = None
+    save: nn.Module | None = None  # what is saved as the stage's model when not ``model`` (e.g. PPO's policy GPT
+    # without its value head)
+    uses_lm_head: bool = False  # a head-bearing ``model`` that still trains the LM head (PPO's policy)
 
 
 # --------------------------------------------------------------------------- parents and data
@@ -331,7 +334,7 @@ def run_stage(cfg: RunConfig, name: str, resume: bool = False, progress: bool = 
         rows = max(1, round(parts.tokens_per_micro_batch / block))
         batches = WithReplay(batches, pre.replay_loader(block, rows, f.seed, dist))
         loss = with_replay_loss(loss, backbone, replay_weight(f.replay, parts.units_per_batch, rows * block), name)
-    elif model is not backbone:
+    elif model is not backbone and not parts.uses_lm_head:
         ddp_skip_unused_lm_head(model, backbone, dist)  # a head without replay never uses the LM head
 
     scale = f.backbone_lr_scale if finetuning else 1.0
@@ -361,7 +364,7 @@ def run_stage(cfg: RunConfig, name: str, resume: bool = False, progress: bool = 
 
     meta = {"stage": name, "task": decl.task, "step": result.step, "tokens": result.tokens, "run": run.name,
             "parent": parent.record(run) if parent else None, **parts.meta}
-    version = save_versioned(out, model, tokenizer, meta)
+    version = save_versioned(out, parts.save if parts.save is not None else model, tokenizer, meta)
     for file_name, content in test.files.items():
         if isinstance(content, str):
             with atomic_write(out.root / file_name) as fh:
