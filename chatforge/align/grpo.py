@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from chatforge.align.rewards import CombinedReward
-from chatforge.align.rollout import PromptItem, pack_answers, prompt_items, spread, token_logps
+from chatforge.align.rollout import PromptItem, pack_answers, spread, stage_prompts, token_logps
 from chatforge.chat.template import parse_assistant, stop_token_ids
 from chatforge.config import GRPOConfig
-from chatforge.errors import ChatforgeError
 from chatforge.finetune.common import EpochShuffler
 from chatforge.model.generate import generate_details
 from chatforge.train.dist import DistInfo
@@ -157,18 +156,12 @@ def grpo_loss(model: nn.Module, batch: dict[str, Any], f: GRPOConfig, precision:
 def build(ctx: StageContext) -> StageParts:
     """GRPO on the parent (by default the run's chat model) with the configured reward functions."""
     from chatforge.align.compare import held_out_answers
-    from chatforge.eval.generation import MIN_ROOM
 
     f: GRPOConfig = ctx.section
     tok, model = ctx.tokenizer, ctx.backbone
-    block = model.config.block_size
-    items, skipped = prompt_items(ctx.sources["train"], tok, block, MIN_ROOM, "grpo")
-    ctx.say(f"grpo: {len(items)} prompts" + (f" ({skipped} left out: they leave under {MIN_ROOM} tokens to answer)"
-                                              if skipped else ""))
-    if not items:
-        raise ChatforgeError(f"{ctx.sources['train']}: no prompts to sample answers to")
+    items, skipped = stage_prompts(ctx, "grpo")
     reward = CombinedReward(f.rewards, f.reward_weights, ctx.sources["train"], ctx.run.root,
-                               ctx.parent.path if ctx.parent else None)
+                            ctx.parent.path if ctx.parent else None)
     reference = None
     if f.kl_beta:
         reference = copy.deepcopy(model).eval()

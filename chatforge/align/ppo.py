@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from chatforge.align.rewards import CombinedReward
-from chatforge.align.rollout import PromptItem, pack_answers, prompt_items
+from chatforge.align.rollout import PromptItem, pack_answers, stage_prompts
 from chatforge.chat.template import parse_assistant, stop_token_ids
 from chatforge.config import PPOConfig
 from chatforge.errors import ChatforgeError, ConfigError
@@ -364,16 +364,11 @@ def build(ctx: StageContext) -> StageParts:
     """PPO on the parent (by default the run's chat model), scored by the run's reward model."""
     from chatforge.align.compare import held_out_answers
     from chatforge.align.reward import load_reward_model, require_same_tokenizer
-    from chatforge.eval.generation import MIN_ROOM
 
     f: PPOConfig = ctx.section
     tok, backbone = ctx.tokenizer, ctx.backbone
     block = backbone.config.block_size
-    items, skipped = prompt_items(ctx.sources["train"], tok, block, MIN_ROOM, "ppo")
-    ctx.say(f"ppo: {len(items)} prompts" + (f" ({skipped} left out: they leave under {MIN_ROOM} tokens to answer)"
-                                             if skipped else ""))
-    if not items:
-        raise ChatforgeError(f"{ctx.sources['train']}: no prompts to sample answers to")
+    items, skipped = stage_prompts(ctx, "ppo")
     rm = None
     rm_dir = reward_model_dir(ctx.cfg, f.reward_model)
     if rm_dir is not None:

@@ -51,6 +51,20 @@ def prompt_items(source: str, tok: Any, block: int, min_room: int, stage: str) -
     return items, skipped
 
 
+def stage_prompts(ctx: Any, stage: str) -> tuple[list[PromptItem], int]:
+    """An on-policy stage's training prompts (``prompt_items`` of its train source), said once; an error
+    when none is left."""
+    from chatforge.eval.generation import MIN_ROOM
+
+    items, skipped = prompt_items(ctx.sources["train"], ctx.tokenizer, ctx.backbone.config.block_size, MIN_ROOM,
+                                  stage)
+    ctx.say(f"{stage}: {len(items)} prompts" + (f" ({skipped} left out: they leave under {MIN_ROOM} tokens to "
+                                                 "answer)" if skipped else ""))
+    if not items:
+        raise ChatforgeError(f"{ctx.sources['train']}: no prompts to sample answers to")
+    return items, skipped
+
+
 def pack_answers(prompts: list[list[int]], answers: list[list[int]], pad_id: int, keep: list[bool] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, W) inputs and targets of prompt + answer rows, right-padded; a row with ``keep`` False has
