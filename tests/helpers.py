@@ -47,3 +47,24 @@ def pretrained_run(tmp_path: Path) -> tuple[Path, list[str]]:
     base = [*TINY_PRETRAIN, f"runs_dir={json.dumps(str(runs))}", "name=r"]
     pretrain(load_config(overrides=base), progress=False)
     return runs, base
+
+
+def tiny_byte_gpt(seed: int = 0):
+    """A seeded 2-layer GPT over the byte tokenizer (the on-policy stages' unit tests)."""
+    from chatforge.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=ByteTokenizer().vocab_size, block_size=64))
+
+
+def byte_prompt_items(n: int = 4) -> list:
+    """``n`` one-turn prompts ``q0``, ``q1``, ... rendered for the byte tokenizer, as rollouts take them."""
+    from chatforge.align.rollout import PromptItem
+    from chatforge.chat.template import render
+
+    tok = ByteTokenizer()
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"q{i}"}]
+        out.append(PromptItem(f"t:{i}", msgs, render(msgs, tok, add_generation_prompt=True).ids, {"i": i}))
+    return out

@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
-from helpers import pretrained_run
+from helpers import byte_prompt_items, pretrained_run, tiny_byte_gpt
 
-from chatforge.align.grpo import PromptItem, Rollouts, group_advantages, grpo_loss
+from chatforge.align.grpo import Rollouts, group_advantages, grpo_loss
 from chatforge.align.rewards import CombinedReward
-from chatforge.chat.template import render
 from chatforge.config import GRPOConfig, load_config
 from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.io import write_jsonl
-from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer.byte import ByteTokenizer
 from chatforge.train.dist import DistInfo
 from chatforge.train.stage import run_stage
@@ -24,17 +22,8 @@ TOK = ByteTokenizer()
 FP32 = resolve_precision("fp32", torch.device("cpu"))
 
 
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=TOK.vocab_size, block_size=64))
-
-
-def items(n: int = 4) -> list[PromptItem]:
-    out = []
-    for i in range(n):
-        msgs = [{"role": "user", "content": f"q{i}"}]
-        out.append(PromptItem(f"t:{i}", msgs, render(msgs, TOK, add_generation_prompt=True).ids, {"i": i}))
-    return out
+tiny_model = tiny_byte_gpt
+items = byte_prompt_items
 
 
 def rollouts(model, reward: str, said: list, **kw) -> Rollouts:

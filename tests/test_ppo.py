@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import pretrained_run
+from helpers import byte_prompt_items, pretrained_run, tiny_byte_gpt
 
 from chatforge.align.ppo import (
     AdaptiveKL,
@@ -29,8 +29,7 @@ from chatforge.align.ppo import (
     ppo_losses,
 )
 from chatforge.align.rewards import CombinedReward
-from chatforge.align.rollout import PromptItem
-from chatforge.chat.template import render, stop_token_ids
+from chatforge.chat.template import stop_token_ids
 from chatforge.config import PPOConfig, load_config
 from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError, ConfigError
@@ -50,17 +49,8 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=TOK.vocab_size, block_size=64))
-
-
-def items(n: int = 4) -> list[PromptItem]:
-    out = []
-    for i in range(n):
-        msgs = [{"role": "user", "content": f"q{i}"}]
-        out.append(PromptItem(f"t:{i}", msgs, render(msgs, TOK, add_generation_prompt=True).ids, {"i": i}))
-    return out
+tiny_gpt = tiny_byte_gpt
+items = byte_prompt_items
 
 
 def rollouts(policy: PolicyWithValue, reward: str, said: list | None = None, reward_model=None, **kw) -> PPORollouts:
