@@ -32,6 +32,7 @@ from rich.table import Table
 from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
+from chatforge.registry.cli import add_models_parser
 from chatforge.serve.cli import add_serve_parser
 from chatforge.stages import align_stages, finetune_stages
 from chatforge.store.cli import add_feedback_parser
@@ -310,10 +311,24 @@ def _frequency_penalty(args: argparse.Namespace) -> float:
 def _add_model_args(p: argparse.ArgumentParser, default_stage: str) -> None:
     """MODEL (a directory, or a stage of the run) and the run it is looked up in."""
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help=f"model directory, or a stage of the run (e.g. sft, pretrain); default: {default_stage}")
+                   help=f"model directory, a stage of the run (e.g. sft, pretrain), NAME@ALIAS or a registered version; "
+                        f"default: {default_stage}")
     p.add_argument("--name", help="run name (default: 'default')")
     p.add_argument("--runs-dir", help="directory holding runs (default: runs)")
     p.set_defaults(default_stage=default_stage)
+
+
+def registry_model_dir(value: str, run: Any) -> Path | None:
+    """The files of ``NAME@ALIAS`` / ``@ALIAS`` / a registered version, or None when ``value`` is neither."""
+    from chatforge.registry import Registry
+    from chatforge.registry.core import VERSION_RE
+
+    if "@" not in value and (Path(value).exists() or not VERSION_RE.match(value)):
+        return None
+    reg = Registry(run.root.parent)
+    if "@" not in value and not any(v.version.startswith(value) for v in reg.list()):
+        return None
+    return reg.path_of(reg.resolve(value, run.name).version)
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -323,6 +338,9 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
     run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
     value = args.model or args.default_stage
+    registered = registry_model_dir(value, run) if args.model else None
+    if registered is not None:
+        return registered
     if args.model and (Path(value).is_dir() or value not in {d.name for d in TRAINING_STAGES}):
         return Path(value)  # a directory (load_model says clearly when it is not a model)
     path = run.stage(get_stage(value).subdir).model
@@ -737,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_feedback_parser(sub)
+    add_models_parser(sub)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)

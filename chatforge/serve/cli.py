@@ -1,13 +1,15 @@
 """``chatforge serve``: models behind the OpenAI-compatible API and the feedback web app.
 
-    chatforge serve                                   # the newest chat model of runs/default
+    chatforge serve                                   # runs/default's @champion (else its newest chat model)
+    chatforge serve default@challenger                # a registered alias or version (chatforge models)
     chatforge serve --name mine                       # ... of runs/mine, with runs/mine/feedback.db
     chatforge serve runs/default/finetune/sft/model runs/default/pretrain/model
     chatforge serve base=path/to/a sft=path/to/b --api-key-file keys.txt --host 0.0.0.0 --allowed-hosts chat.lan
 
-MODEL is a model directory or NAME=DIR. Without one, the newest chat model of the
-run (``--name``, default ``default``, under ``--runs-dir``, default ``runs``) is
-served: its newest stage model whose task is chat, else its pre-trained model. The
+MODEL is a model directory, ``NAME@ALIAS`` or a registered version, or NAME=any of
+those. Without one, the run's (``--name``, default ``default``, under ``--runs-dir``,
+default ``runs``) ``@champion`` is served; when none is promoted, its newest aligned
+chat model, else its newest chat model, else its pre-trained model. The
 feedback database is that run's ``feedback.db`` (with MODELs and no ``--name``: the
 run of the first model); ``--no-db`` serves the API only.
 
@@ -53,7 +55,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve models over an OpenAI-compatible API and the feedback web app",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="model directory or NAME=DIR (default: the newest chat model of the run)")
+                   help="model directory, NAME@ALIAS, a version, or NAME=one of those (default: the run's @champion)")
     p.add_argument("--name", help=f"the run whose model and feedback database are used (default: {DEFAULT_RUN})")
     p.add_argument("--runs-dir", help=f"directory holding runs (default: {DEFAULT_RUNS_DIR})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -114,9 +116,30 @@ def run_of(args: argparse.Namespace) -> RunPaths:
     return RunPaths.of(getattr(args, "runs_dir", None) or DEFAULT_RUNS_DIR, getattr(args, "name", None) or DEFAULT_RUN)
 
 
+def registered_dir(path: Path, run: RunPaths) -> Path:
+    """``NAME@ALIAS``, ``@ALIAS`` or a registered version -> its model directory; any other path as given."""
+    from chatforge.registry import Registry
+    from chatforge.registry.core import VERSION_RE
+
+    text = str(path)
+    if path.exists() or ("@" not in text and not VERSION_RE.match(text)):
+        return path
+    reg = Registry(run.root.parent)
+    if "@" not in text and not any(v.version.startswith(text) for v in reg.list()):
+        return path
+    return reg.path_of(reg.resolve(text, run.name).version)
+
+
 def default_model(run: RunPaths | Path) -> Path:
-    """The newest chat model of the run (a stage's ``model/`` whose task is chat), else its pre-trained model."""
+    """What ``serve`` serves without a MODEL: the run's ``@champion`` in the registry; else its newest aligned
+    chat model (a stage under ``align/``), else its newest chat model, else its pre-trained model."""
+    from chatforge.registry import CHAMPION, Registry
+
     run = run if isinstance(run, RunPaths) else RunPaths(Path(run))
+    reg = Registry(run.root.parent)
+    champion = reg.aliases(run.name).get(CHAMPION)
+    if champion is not None:
+        return reg.path_of(champion)
     chats = []
     for directory in run.model_dirs():
         try:
@@ -124,9 +147,10 @@ def default_model(run: RunPaths | Path) -> Path:
         except (OSError, json.JSONDecodeError):
             continue
         if meta.get("task") == "chat" and meta.get("architecture", "gpt") == "gpt":
-            chats.append((directory.stat().st_mtime_ns, directory))
+            aligned = directory.parent.parent.name == "align"
+            chats.append((aligned, directory.stat().st_mtime_ns, directory))
     if chats:
-        return max(chats)[1]
+        return max(chats)[2]
     pretrain = run.pretrain.model
     if (pretrain / "config.json").is_file():
         return pretrain
@@ -166,7 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
     named = bool(args.name or args.runs_dir)
     run = run_of(args)
-    models = [parse_model_arg(a) for a in args.models]
+    models = [(name, registered_dir(path, run)) for name, path in map(parse_model_arg, args.models)]
     if models and not named:  # the database of the first model's run
         db_run = run_dir_of(models[0][1]) or run.root
     else:

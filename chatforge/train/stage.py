@@ -14,7 +14,8 @@ evaluation and its final test. ``run_stage`` does the rest for every stage:
 4. the one training loop;
 5. merging LoRA, the final test, and saving a model that records its own version
    (the first 12 hex digits of its weights' sha256) and its parent's, so lineage can
-   be followed from any model back to pre-training;
+   be followed from any model back to pre-training, and registering it
+   (``chatforge.registry``: ``runs/registry/``);
 6. one ``eval.json`` schema for every stage (below).
 
 Saving never overwrites a model silently: the stage's ``model/`` is its newest model,
@@ -34,6 +35,7 @@ and the one that was there moves to ``versions/<version>/`` first.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import importlib
@@ -387,4 +389,13 @@ def run_stage(cfg: RunConfig, name: str, resume: bool = False, progress: bool = 
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "versions": versions(),
     }
     write_json(out.eval, ev)
+    register_version(run, out.model, ev, {name: dataclasses.asdict(f), "model": dataclasses.asdict(cfg.model)})
     return ev
+
+
+def register_version(run: RunPaths, model_dir: Path, ev: dict[str, Any], config: dict[str, Any]) -> None:
+    """Record the saved model in the runs directory's registry (``chatforge models``)."""
+    from chatforge.registry import Registry, stage_record
+
+    registry = Registry(run.root.parent)
+    registry.register(stage_record(registry.runs_dir, run.name, model_dir, ev, config))
