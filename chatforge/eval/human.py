@@ -35,6 +35,7 @@ from chatforge.errors import ChatforgeError
 
 SCALE, BASE, INIT = 400.0, 10.0, 1000.0
 DRAWS_PER_BLOCK = 1 << 21  # bootstrap indices drawn at once (16 MiB)
+BOOT_BLOCK = 256  # bootstrap refits solved together
 MAD_TO_SD = 1.4826  # the MAD of a normal sample times this estimates its standard deviation
 
 
@@ -172,46 +173,46 @@ def _battle_arrays(comparisons: Sequence[Comparison], players: list[str]) -> tup
     return i, j, y
 
 
-def _fit(k: int, i: np.ndarray, j: np.ndarray, weight: np.ndarray, won: np.ndarray, l2: float,
-         iters: int = 100, tol: float = 1e-10) -> np.ndarray:
-    """Natural-log strengths maximising sum w [y log s(t_i - t_j) + (1 - y) log s(t_j - t_i)] - l2/2 |t|^2,
-    by Newton's method. ``weight``/``won`` are per-battle (or per-pair aggregated) games and wins of i."""
-    theta = np.zeros(k)
+def _cells(i: np.ndarray, j: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct battles (i, j, score) and how often each occurred: the likelihood depends on the
+    battles only through these counts, and a bootstrap resample of battles is a multinomial draw of them."""
+    cells, counts = np.unique(np.stack([i, j, (2 * y).astype(int)], axis=1), axis=0, return_counts=True)
+    return cells[:, 0], cells[:, 1], cells[:, 2] / 2.0, counts.astype(float)
+
+
+def _fit(k: int, ci: np.ndarray, cj: np.ndarray, cy: np.ndarray, counts: np.ndarray, l2: float,
+         iters: int = 100, tol: float = 1e-8) -> np.ndarray:
+    """Natural-log strengths t maximising sum games [wins log s(t_i - t_j) + losses log s(t_j - t_i)]
+    - l2/2 |t|^2 by Newton's method, for every row of ``counts`` (B x cells) at once: a tie is
+    Arena's two rows, one won by each side (two games, one win). Returns B x k."""
+    counts = np.atleast_2d(counts)
+    games = counts * np.where(cy == 0.5, 2.0, 1.0)
+    won = counts * np.where(cy == 0.5, 1.0, cy)
+    incidence = np.zeros((ci.size, k))  # +1 for the first side of a cell, -1 for the second
+    incidence[np.arange(ci.size), ci] = 1.0
+    incidence[np.arange(ci.size), cj] = -1.0
+    theta = np.zeros((counts.shape[0], k))
+    eye = l2 * np.eye(k)  # the prior makes minus the Hessian positive definite: one maximum
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(theta[i] - theta[j])))
-        resid = won - weight * p  # observed minus expected wins of i
-        grad = np.bincount(i, resid, k) - np.bincount(j, resid, k) - l2 * theta
-        h = weight * p * (1.0 - p)
-        hess = np.zeros((k, k))
-        np.add.at(hess, (i, i), h)
-        np.add.at(hess, (j, j), h)
-        np.add.at(hess, (i, j), -h)
-        np.add.at(hess, (j, i), -h)
-        hess[np.diag_indices(k)] += l2  # positive definite: the prior makes the maximum unique
-        step = np.linalg.solve(hess, grad)
+        p = 1.0 / (1.0 + np.exp(-(theta @ incidence.T)))
+        grad = (won - games * p) @ incidence - l2 * theta
+        # minus the Hessian: the comparisons' weighted graph Laplacian, plus the prior
+        hess = np.einsum("bc,ck,cl->bkl", games * p * (1.0 - p), incidence, incidence) + eye
+        # at most 2 (about 350 rating points) a step: from the start, an unbeaten version's Newton steps
+        # would overshoot far past the prior's optimum before coming back
+        step = np.clip(np.linalg.solve(hess, grad[..., None])[..., 0], -2.0, 2.0)
         theta += step
         if np.abs(step).max() < tol:
             break
     return theta
 
 
-def _aggregate(i: np.ndarray, j: np.ndarray, y: np.ndarray, counts: np.ndarray, k: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per ordered pair (i, j): games and wins of i, with each tie duplicated Arena's way
-    (one win for each side: two games, one won)."""
-    games = np.where(y == 0.5, 2.0, 1.0) * counts
-    wins = np.where(y == 0.5, 1.0, y) * counts
-    pair = i * k + j
-    g, w = np.bincount(pair, games, k * k), np.bincount(pair, wins, k * k)
-    nz = np.flatnonzero(g)
-    return nz // k, nz % k, g[nz], w[nz]
-
-
 def _ratings(theta: np.ndarray, players: list[str], baseline: str | None) -> np.ndarray:
+    """Elo-scale ratings from (rows of) natural-log strengths, anchored."""
     r = INIT + SCALE * theta / math.log(BASE)
     if baseline is None:
-        return r - r.mean() + INIT  # no baseline: the mean version sits at 1000
-    return r - r[players.index(baseline)] + INIT
+        return r - r.mean(axis=-1, keepdims=True) + INIT  # no baseline: the mean version sits at 1000
+    return r - r[..., players.index(baseline), None] + INIT
 
 
 def _players(comparisons: Sequence[Comparison], baseline: str | None) -> list[str]:
@@ -230,8 +231,8 @@ def bradley_terry(comparisons: Sequence[Comparison], baseline: str | None = None
     (no baseline: the mean rating is 1000)."""
     players = _players(comparisons, baseline)
     i, j, y = _battle_arrays(comparisons, players)
-    pi, pj, g, w = _aggregate(i, j, y, np.ones_like(y), len(players))
-    theta = _fit(len(players), pi, pj, g, w, l2)
+    ci, cj, cy, counts = _cells(i, j, y)
+    theta = _fit(len(players), ci, cj, cy, counts, l2)[0]
     return dict(zip(players, (float(r) for r in _ratings(theta, players, baseline))))
 
 
@@ -261,15 +262,13 @@ def bootstrap_bradley_terry(comparisons: Sequence[Comparison], baseline: str | N
     players = _players(comparisons, baseline)
     k = len(players)
     i, j, y = _battle_arrays(comparisons, players)
-    ones = np.ones_like(y)
-    pi, pj, g, w = _aggregate(i, j, y, ones, k)
-    point = _ratings(_fit(k, pi, pj, g, w, l2), players, baseline)
+    ci, cj, cy, counts = _cells(i, j, y)
+    point = _ratings(_fit(k, ci, cj, cy, counts, l2)[0], players, baseline)
     rng = np.random.default_rng(seed)
     boots = np.empty((n_boot, k))
-    for b in range(n_boot):
-        counts = np.bincount(rng.integers(0, y.size, y.size), minlength=y.size).astype(float)
-        pi, pj, g, w = _aggregate(i, j, y, counts, k)
-        boots[b] = _ratings(_fit(k, pi, pj, g, w, l2), players, baseline)
+    for start in range(0, n_boot, BOOT_BLOCK):  # resampled battles, refitted a block at a time
+        draws = rng.multinomial(y.size, counts / y.size, size=min(BOOT_BLOCK, n_boot - start))
+        boots[start:start + len(draws)] = _ratings(_fit(k, ci, cj, cy, draws.astype(float), l2), players, baseline)
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
     rows = []
     for p in range(k):
