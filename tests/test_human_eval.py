@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
@@ -28,6 +29,7 @@ from chatforge.eval.human import (
     human_eval_stats as via_eval,
 )
 from chatforge.store.db import Store
+from chatforge.store.models import Prompt
 from chatforge.store.service import (
     add_message,
     add_response,
@@ -80,6 +82,8 @@ def test_bootstrap_mean_rejects_bad_input():
         bootstrap_mean([1, 2], alpha=1.5)
     with pytest.raises(HumanEvalError, match="cluster keys"):
         bootstrap_mean([1, 2, 3], clusters=[0, 1])
+    with pytest.raises(HumanEvalError, match="score must be 1, 0.5 or 0"):
+        win_rates([Comparison("a", "b", 0.7, "r", 1)])
 
 
 # --------------------------------------------------------------------------- win rates and Bradley–Terry
@@ -211,14 +215,16 @@ def test_outliers_need_enough_reviewers_and_shared_units_and_a_real_gap():
 
 
 @pytest.fixture
-def store(tmp_path):
-    """A small store: two prompts answered by three versions, ranked and rated by two reviewers, and a
-    chat where one reviewer thumbed two regenerated answers."""
-    s = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+def store(db_url):
+    """A small store (SQLite, and PostgreSQL when a server is given): two prompts answered by three
+    versions, ranked and rated by two reviewers, and a chat where one reviewer thumbed two regenerated
+    answers."""
+    s = Store(db_url)
     admin = create_user(s, "admin", "pw-adminadmin", "admin")
     users = {n: create_user(s, n, f"pw-{n * 4}", "reviewer") for n in ("ann", "bob")}
     ds = import_dataset(s, "eval", "prompts", [{"prompt": "q1"}, {"prompt": "q2"}], admin["id"])
-    pids = [1, 2]
+    with s.session(write=False) as sess:
+        pids = list(sess.scalars(select(Prompt.id).where(Prompt.dataset_id == ds["id"]).order_by(Prompt.id)))
     resp = {}
     for pid in pids:
         for model, version in (("sft", "v1"), ("dpo", "v2"), ("ppo", None)):
@@ -226,8 +232,9 @@ def store(tmp_path):
     assign(s, ds["id"], "rank", ["ann", "bob"], 2)
     assign(s, ds["id"], "rate", ["ann", "bob"], 2)
     # both rank dpo > ppo > sft on q1; on q2 ann has dpo > sft > ppo, bob sft > dpo > ppo
-    orders = {("ann", 1): ["dpo", "ppo", "sft"], ("bob", 1): ["dpo", "ppo", "sft"],
-              ("ann", 2): ["dpo", "sft", "ppo"], ("bob", 2): ["sft", "dpo", "ppo"]}
+    q1, q2 = pids
+    orders = {("ann", q1): ["dpo", "ppo", "sft"], ("bob", q1): ["dpo", "ppo", "sft"],
+              ("ann", q2): ["dpo", "sft", "ppo"], ("bob", q2): ["sft", "dpo", "ppo"]}
     for name, u in users.items():
         while (a := next_assignment(s, u["id"], "rank")) is not None:
             pid = a["prompt"]["id"]
@@ -321,7 +328,9 @@ def test_a_random_reviewer_in_a_real_store_is_flagged(tmp_path):
     users = {n: create_user(s, n, f"pw-{n * 4}", "reviewer") for n in names}
     ds = import_dataset(s, "sim", "prompts", [{"prompt": f"q{i}"} for i in range(10)], admin["id"])
     quality = {}
-    for pid in range(1, 11):
+    with s.session(write=False) as sess:
+        pids = list(sess.scalars(select(Prompt.id).where(Prompt.dataset_id == ds["id"])))
+    for pid in pids:
         for model, mean in (("a", 2.0), ("b", 3.0), ("c", 4.0)):
             rid = add_response(s, pid, model, "1", f"{model} {pid}")
             quality[rid] = mean + rng.uniform(-1, 1)  # this answer's true quality

@@ -14,7 +14,8 @@ feedback store and hands its judgements to these functions.
   fitted by maximum likelihood; a tie is duplicated into one win for each side (so it weighs
   as two games split evenly); ratings = 1000 + 400·β, shifted so the baseline sits at 1000;
   bootstrap intervals resample battles with replacement and refit. The fit is Newton's method
-  on the per-pair sufficient statistics with a weak L2 prior (``l2``, on natural-log
+  on the counts of each distinct battle (the sufficient statistics; a resample of battles is a
+  multinomial draw of those counts, so all refits are solved together) with a weak L2 prior (``l2``, on natural-log
   strengths): Arena uses none, but without one a version that won every game, or a group of
   versions never compared with the rest, has no finite maximum; with it such ratings stay
   finite and the prior's pull on well-measured versions is negligible.
@@ -139,6 +140,8 @@ def win_rates(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     of that pair judged by two or more of them."""
     groups: dict[tuple[str, str], list[Comparison]] = defaultdict(list)
     for c in comparisons:
+        if c.score not in (0.0, 0.5, 1.0):
+            raise HumanEvalError(f"win_rates: a comparison's score must be 1, 0.5 or 0, got {c.score!r}")
         if c.a == c.b:
             continue
         groups[(c.a, c.b) if c.a < c.b else (c.b, c.a)].append(c)
