@@ -116,16 +116,21 @@ class Comparison:
     source: str = "ranking"
 
 
+def _judgements_by_unit(comparisons: Sequence[Comparison]) -> dict[Hashable, dict[str, float]]:
+    """``(unit, (a, b)) -> {reviewer: a's score}``, oriented by sorted names so that a unit judged
+    as (a, b) and as (b, a) lines up (a reviewer judging a unit twice: the later judgement)."""
+    by_unit: dict[Hashable, dict[str, float]] = defaultdict(dict)
+    for c in comparisons:
+        key = (c.a, c.b) if c.a <= c.b else (c.b, c.a)
+        by_unit[(c.unit, key)][c.reviewer] = c.score if c.a <= c.b else 1.0 - c.score
+    return by_unit
+
+
 def pair_agreement(comparisons: Sequence[Comparison]) -> tuple[int, int]:
     """(agreeing, total) reviewer pairs over the units judged by two or more reviewers: two
     judgements agree when they give the same outcome (the same winner, or both a tie)."""
-    by_unit: dict[Hashable, dict[str, float]] = defaultdict(dict)
-    for c in comparisons:
-        # oriented by sorted names, so a unit judged as (a, b) and as (b, a) lines up
-        key = (c.a, c.b) if c.a <= c.b else (c.b, c.a)
-        by_unit[(c.unit, key)][c.reviewer] = c.score if c.a <= c.b else 1.0 - c.score
     agree = total = 0
-    for scores in by_unit.values():
+    for scores in _judgements_by_unit(comparisons).values():
         vals = list(scores.values())
         for i in range(len(vals)):
             for j in range(i + 1, len(vals)):
@@ -292,13 +297,9 @@ def bootstrap_bradley_terry(comparisons: Sequence[Comparison], baseline: str | N
 def rank_agreement_by_reviewer(comparisons: Sequence[Comparison]) -> dict[str, tuple[float | None, int]]:
     """``reviewer -> (share of their judgements that agree with another reviewer's judgement of the
     same unit, how many such judgement pairs)``."""
-    by_unit: dict[Hashable, dict[str, float]] = defaultdict(dict)
-    for c in comparisons:
-        key = (c.a, c.b) if c.a <= c.b else (c.b, c.a)
-        by_unit[(c.unit, key)][c.reviewer] = c.score if c.a <= c.b else 1.0 - c.score
     agree: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for scores in by_unit.values():
+    for scores in _judgements_by_unit(comparisons).values():
         for r, s in scores.items():
             for other, t in scores.items():
                 if other != r:

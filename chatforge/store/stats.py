@@ -57,8 +57,14 @@ def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list
             q = q.join(Prompt, Prompt.id == Response.prompt_id).where(Prompt.dataset_id == ds_id)
         responses = {rid: (pid, version_label(m, v)) for rid, pid, m, v in s.execute(q)}
 
+        rating_q, ranking_q = select(Rating).order_by(Rating.id), select(Ranking).order_by(Ranking.id)
+        if ds_id is not None:  # filtered in SQL: a big store's other datasets are never loaded
+            in_ds = select(Prompt.id).where(Prompt.dataset_id == ds_id)
+            rating_q = rating_q.where(Rating.response_id.in_(
+                select(Response.id).where(Response.prompt_id.in_(in_ds))))
+            ranking_q = ranking_q.where(Ranking.prompt_id.in_(in_ds))
         ratings = []
-        for r in s.scalars(select(Rating).order_by(Rating.id)):
+        for r in s.scalars(rating_q):
             if r.response_id in responses:
                 ratings.append({"reviewer": users.get(r.user_id, str(r.user_id)), "response": r.response_id,
                                 "version": responses[r.response_id][1],
@@ -66,7 +72,7 @@ def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list
 
         comparisons: list[Comparison] = []
         n_rankings = 0
-        for rk in s.scalars(select(Ranking).order_by(Ranking.id)):
+        for rk in s.scalars(ranking_q):
             order = [i for i in rk.order if i in responses]  # a response deleted since is skipped
             if not order:  # another dataset's ranking (or every response deleted since)
                 continue
