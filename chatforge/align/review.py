@@ -16,13 +16,13 @@ prompts two or more of them ranked.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from chatforge.errors import ChatforgeError
+from chatforge.eval.human import wilson  # its home is eval.human now; still importable from here
 from chatforge.store.db import Store
 from chatforge.train.checkpoint import model_version, read_model_config
 
@@ -63,16 +63,6 @@ def parent_of(model_dir: Path) -> Path:
             return root / path
     raise ChatforgeError(f"{model_dir}: its parent {parent['path']} is not found in its run; name the model to "
                          "compare with (--against)")
-
-
-def wilson(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``wins / n``."""
-    if n == 0:
-        return 0.0, 1.0
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def queue_comparison(store: Store, aligned_dir: Path, parent_dir: Path, reviewers: list[str], n_prompts: int,

@@ -5,6 +5,7 @@
     chatforge feedback users list
     chatforge feedback users set-role USERNAME ROLE
     chatforge feedback import NAME FILE.jsonl --kind prompts|items [--user ADMIN]
+    chatforge feedback stats [--dataset NAME] [--baseline MODEL@VERSION] [--json]
     chatforge feedback db upgrade
 
 Every command takes ``--db URL`` (any SQLAlchemy URL) or ``--run NAME`` (the run's
@@ -229,6 +230,10 @@ def add_feedback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     imp.add_argument("--user", help="owner of the dataset (default: the first admin)")
     _db_args(imp)
     imp.set_defaults(func=cmd_import)
+
+    from chatforge.store.stats_cli import add_stats_parser
+
+    add_stats_parser(fb_sub, _db_args)
 
     db = fb_sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_action", required=True)

@@ -1,0 +1,104 @@
+"""``chatforge feedback stats``: the human-evaluation statistics of the feedback store as tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(ci: list[float] | None, digits: int = 2) -> str:
+    return "-" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def render(stats: dict[str, Any], console: Console) -> None:
+    """Print ``human_eval_stats``' dict as rich tables."""
+    c = stats["counts"]
+    where = f"dataset {stats['dataset']!r}" if stats["dataset"] else "the whole store"
+    console.print(f"Human evaluation of {escape(where)}: {c['ratings']} ratings, {c['rankings']} rankings, "
+                  f"{c['comparisons']} pairwise comparisons ({c['thumb_comparisons']} from chat thumbs), "
+                  f"{c['reviewers']} reviewers")
+    if stats["likert"]:
+        t = Table(title="Likert ratings (1-5; 95% bootstrap over responses; alpha: Krippendorff, interval)")
+        for col in ("version", "aspect", "mean", "95% CI", "n", "responses", "reviewers", "alpha", "alpha units"):
+            t.add_column(col)
+        for version, aspects in stats["likert"].items():
+            for aspect, a in aspects.items():
+                t.add_row(escape(version), aspect, _f(a["mean"]), _ci(a["ci_95"]), str(a["n"]),
+                          str(a["n_responses"]), str(a["n_reviewers"]), _f(a["agreement"]["krippendorff_alpha"]),
+                          str(a["agreement"]["n_units"]))
+        console.print(t)
+    if stats["win_rates"]:
+        t = Table(title="Pairwise win rates (ties count half; 95% Wilson interval)")
+        for col in ("a", "b", "n", "a wins", "b wins", "ties", "a win rate", "95% CI", "agreement", "pairs"):
+            t.add_column(col)
+        for w in stats["win_rates"]:
+            t.add_row(escape(w["a"]), escape(w["b"]), str(w["n"]), str(w["wins_a"]), str(w["wins_b"]), str(w["ties"]),
+                      _f(w["win_rate_a"], 3), _ci(w["ci_95"], 3), _f(w["agreement"]["pairwise"], 3),
+                      str(w["agreement"]["n_pairs"]))
+        console.print(t)
+    bt = stats["bradley_terry"]
+    if bt:
+        anchor = f"{bt['baseline']} at 1000" if bt["baseline"] else "mean at 1000"
+        t = Table(title=f"Bradley-Terry ratings (Elo scale 400, {escape(anchor)}; 95% bootstrap over "
+                        f"{bt['n_battles']} battles, {bt['n_boot']} rounds)")
+        for col in ("version", "rating", "95% CI", "n", "wins", "losses", "ties"):
+            t.add_column(col)
+        for r in bt["ratings"]:
+            t.add_row(escape(r["version"]), f"{r['rating']:.0f}", _ci(r["ci_95"], 0), str(r["n"]), str(r["wins"]),
+                      str(r["losses"]), str(r["ties"]))
+        console.print(t)
+        if not bt["connected"]:
+            console.print("[yellow]some versions were never compared with the rest, even through others: their "
+                          "ratings relative to the rest come from the prior alone[/yellow]")
+    rank = stats["agreement"]["rank"]
+    console.print(f"Ranking agreement: {_f(rank['pairwise'], 3)} of {rank['n_pairs']} reviewer pairs on shared pairs")
+    if stats["reviewers"]:
+        t = Table(title="Reviewers (agreement with the others)")
+        for col in ("reviewer", "rank agreement", "shared pairs", "rating corr.", "shared responses", "flagged"):
+            t.add_column(col)
+        for r in stats["reviewers"]:
+            t.add_row(escape(r["reviewer"]), _f(r["rank_agreement"]["score"], 3), str(r["rank_agreement"]["n_shared"]),
+                      _f(r["rating_correlation"]["score"]), str(r["rating_correlation"]["n_shared"]),
+                      "[red]yes[/red]" if r["flagged"] else "")
+        console.print(t)
+        for r in stats["reviewers"]:
+            for reason in r["reasons"]:
+                console.print(f"[red]flagged[/red] {escape(r['reviewer'])}: {escape(reason)}")
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from chatforge.store.cli import _open
+    from chatforge.store.stats import human_eval_stats
+
+    store = _open(args)
+    try:
+        stats = human_eval_stats(store, dataset=args.dataset, baseline=args.baseline, n_boot=args.n_boot,
+                                 seed=args.seed)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        render(stats, Console(highlight=False))
+
+
+def add_stats_parser(fb_sub: argparse._SubParsersAction, db_args: Any) -> None:
+    st = fb_sub.add_parser("stats", help="human-evaluation statistics: Likert means, win rates, Bradley-Terry "
+                                         "ratings with bootstrap intervals, agreement, outlying reviewers")
+    db_args(st)
+    st.add_argument("--dataset", help="only this dataset's ratings and rankings (default: everything, chat "
+                                      "thumbs on regenerated answers included)")
+    st.add_argument("--baseline", help="the version (MODEL@VERSION) anchored at 1000 (default: the mean is 1000)")
+    st.add_argument("--n-boot", type=int, default=1000, help="bootstrap rounds (default 1000)")
+    st.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.set_defaults(func=cmd_stats)
