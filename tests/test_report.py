@@ -41,8 +41,8 @@ def _stage(run: Path, subdir: str, stage: str, version: str, parent: dict | None
            goal: str = "max", data: dict | None = None, details: dict | None = None, answers: list | None = None,
            steps: int = 20) -> None:
     d = run / subdir
-    _write(d / "model" / "config.json", {"format": "chatforge-model", "stage": stage, "version": version,
-                                         "parent": parent})
+    _write(d / "model" / "config.json", {"format": "chatforge-model", "format_version": 1, "model": {"n_layer": 1},
+                                         "stage": stage, "version": version, "parent": parent})
     _write(d / "eval.json", {
         "schema": 1, "stage": stage, "task": "lm" if stage == "pretrain" else "chat", "version": version,
         "parent": parent, "data": data or {}, "primary": {"name": primary, "value": metrics[primary], "goal": goal},
@@ -336,3 +336,26 @@ def test_report_in_headless_chromium(fake_run, tmp_path):
             assert (out / "report.png").stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_blind_comparison_from_the_runs_feedback_store(fake_run, capsys):
+    """``chatforge report`` reads the run's feedback.db: a blind DPO-vs-SFT comparison with judgements becomes
+    a human-eval table."""
+    from chatforge.align.review import queue_comparison
+    from chatforge.store.db import Store
+    from chatforge.store.service import create_user, next_assignment, submit_ranking
+
+    store = Store(f"sqlite:///{fake_run / 'feedback.db'}")
+    create_user(store, "admin", "pw-admin-admin", "admin")
+    rev = create_user(store, "rev", "pw-rev-rev-rev", "reviewer")
+    out = queue_comparison(store, fake_run / "align/dpo/model", fake_run / "finetune/sft/model", ["rev"], 0)
+    for i in range(3):  # DPO's answer first on 2 of the 3 prompts
+        a = next_assignment(store, rev["id"], "rank")
+        dpo_first = sorted(a["responses"], key=lambda r: not r["text"].startswith("dpo"))
+        submit_ranking(store, rev["id"], a["assignment_id"], [r["id"] for r in (dpo_first if i < 2 else dpo_first[::-1])])
+    store.close()
+    assert main(["report", str(fake_run)]) == 0
+    capsys.readouterr()
+    md = (fake_run / "report" / "report.md").read_text(encoding="utf-8")
+    assert f"### blind comparison: {out['dataset']}" in md
+    assert "| judgements | 3 |" in md and "| aligned preferred | 2 |" in md and "| win rate | 0.6667 |" in md
