@@ -334,8 +334,45 @@ def test_report_in_headless_chromium(fake_run, tmp_path):
             out.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out / "report.png"), full_page=True)
             assert (out / "report.png").stat().st_size > 10_000
+            _report_through_the_web_app(browser, fake_run, tmp_path)
         finally:
             browser.close()
+
+
+def _report_through_the_web_app(browser, fake_run: Path, tmp_path: Path) -> None:
+    """Log in, follow the nav's Report link: the served report's images load under its CSP, with no violation."""
+    from serve_fixtures import ADMIN_PASSWORD, live_server, save_tiny_model, settings_for
+
+    from chatforge.serve.app import create_app
+
+    served = tmp_path / "served"
+    model = save_tiny_model(served / "finetune" / "sft" / "model")
+    _write(served / "manifest.json", {"stages": {}})
+    write_report(build_report(fake_run), served / "report")
+    app = create_app(settings_for(tmp_path, [("m", model)], allowed_hosts=()))
+    with live_server(app) as base:
+        context = browser.new_context(base_url=base, viewport={"width": 1200, "height": 900})
+        try:
+            page = context.new_page()
+            refused: list[str] = []
+            page.on("console", lambda m: refused.append(m.text) if "Refused" in m.text or "Content Security" in m.text
+                    else None)
+            page.goto("/report")
+            page.wait_for_url(re.compile(r"/login\?next=%2Freport|/login\?next=/report"))  # not logged in
+            page.fill("#username-input", "admin")
+            page.fill("#password-input", ADMIN_PASSWORD)
+            page.press("#password-input", "Enter")
+            page.wait_for_url(f"{base}/report")
+            widths = page.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+            assert len(widths) == 3 and all(w > 0 for w in widths), widths
+            # the styles applied: a worse change is red
+            assert page.locator("td.worse").first.evaluate("e => getComputedStyle(e).color") == "rgb(207, 34, 46)"
+            page.goto("/chat")
+            page.click("nav .links a:has-text('Report')")
+            page.wait_for_url(f"{base}/report")
+            assert not refused, refused
+        finally:
+            context.close()
 
 
 def test_blind_comparison_from_the_runs_feedback_store(fake_run, capsys):
