@@ -3,9 +3,10 @@
 ``gather`` reads a run's files (eval.json, metrics.jsonl, answers.jsonl, config.json,
 manifest.json, safety/*.json) into a ``ReportData``; ``plots`` draws its curves as PNG;
 ``render`` writes the HTML (inline CSS, plots as base64 ``data:`` images, no network)
-and the Markdown (tables, plots as PNG files beside it). Nothing here imports torch, so
-a report takes seconds. The optional sections' data contracts are in ``gather``'s
-docstring.
+and the Markdown (tables, plots as PNG files beside it); ``sections`` holds the optional
+human-eval, registry and safety sections and documents their data contracts. Only the
+better/worse rule (``chatforge.train.stage.metric_goal``) brings torch in; a report of a
+run takes a few seconds, most of it drawing one figure per stage.
 """
 
 from chatforge.report.gather import ReportData, ReportError, build_report, resolve_target

@@ -39,7 +39,7 @@ def human_from_store(db_url: str) -> dict[str, Any] | None:
         except ImportError:
             human_eval_stats = None
         if human_eval_stats is not None:
-            from chatforge.report.gather import generic_tables
+            from chatforge.report.sections import generic_tables
 
             out["tables"] = generic_tables(human_eval_stats(store))
         for ds in service.list_datasets(store):

@@ -19,30 +19,8 @@ thing, because a perplexity on chat data beside one on pre-training data says no
 Better/worse comes from ``chatforge.train.stage.metric_goal``; counts (``NEUTRAL``) only get
 the direction of the change.
 
-Optional sections (all plain JSON-able dicts, so other modules can hand them in):
-
-``human`` -- human-evaluation tables, e.g. from ``chatforge.eval.human.human_eval_stats``::
-
-    {"tables": [{"title": str, "columns": [str, ...], "rows": [[cell, ...], ...],
-                 "note": str (optional)}],
-     "comparisons": [<chatforge.align.review.comparison_result dict>, ...] (optional)}
-
-  a cell is a string, a number, a bool or null. A dict without ``tables`` is still shown:
-  every value that is a list of dicts becomes a table (columns = their keys), every dict of
-  scalars a two-column table, the top-level scalars one more (``generic_tables``).
-
-``registry`` -- model versions and promotion decisions::
-
-    {"versions": [{"stage": str, "version": str, "aliases": [str, ...], "decision": str,
-                   "reason": str, "created_at": str, ...}]}
-
-  every key but ``stage`` and ``version`` is optional; other scalar keys become columns.
-
-``safety`` -- read from ``runs/<run>/safety/*.json`` (one file per evaluation) and from any
-``eval.json`` metric named ``safety/...`` or ``safety_...``::
-
-    {"title": str (optional; default the file name), "model": str (optional),
-     "metrics": {name: number}, "cases": [{"prompt": str, "answer": str, "verdict": str}, ...] (optional)}
+The optional sections (human evaluation, registry, safety) and their data contracts are in
+``chatforge.report.sections``.
 """
 
 from __future__ import annotations
@@ -77,7 +55,7 @@ def metric_direction(name: str) -> str | None:
 
 def verdict(name: str, value: Any, parent: Any) -> str | None:
     """"better", "worse", "same", "changed" (a count) or None when the two cannot be compared."""
-    if not _is_number(value) or not _is_number(parent):
+    if not is_number(value) or not is_number(parent):
         return None
     if value == parent:
         return "same"
@@ -87,7 +65,7 @@ def verdict(name: str, value: Any, parent: Any) -> str | None:
     return "better" if (value > parent) == (goal == "max") else "worse"
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
@@ -250,7 +228,7 @@ def stage_report(run: RunPaths, subdir: str) -> StageReport:
     """One stage of ``run``: its metrics beside its parent's (module docstring), curves and answers."""
     sp = run.stage(subdir)
     ev = read_eval(sp.eval)
-    metrics = {k: v for k, v in ev["metrics"].items() if _is_number(v)}
+    metrics = {k: v for k, v in ev["metrics"].items() if is_number(v)}
     details = ev.get("details") if isinstance(ev.get("details"), dict) else {}
     answers = read_jsonl_file(sp.answers, "answers.jsonl")
     pev, parent_subdir, note = _parent_eval(run, ev)
@@ -281,9 +259,9 @@ def stage_report(run: RunPaths, subdir: str) -> StageReport:
         if k in skip or k not in metrics:
             continue
         row = MetricRow(k, metrics[k])
-        if _is_number(parent_checks.get(k)):
+        if is_number(parent_checks.get(k)):
             row.parent, row.parent_source = parent_checks[k], f"{parent_label}'s answers to the same prompts"
-        elif pev is not None and _is_number(pev["metrics"].get(k)):
+        elif pev is not None and is_number(pev["metrics"].get(k)):
             split = k.split("_", 1)[0]
             same_data = (split in ("val", "test") and isinstance(data.get(split), dict)
                          and data[split].get("fingerprint") is not None
@@ -306,8 +284,8 @@ def stage_report(run: RunPaths, subdir: str) -> StageReport:
         rows=rows, train=ev.get("train") if isinstance(ev.get("train"), dict) else {},
         wall_time_s=ev.get("wall_time_s"), created_at=str(ev.get("created_at", "")),
         data=data if isinstance(data, dict) else {},
-        train_curve=[r for r in log if r.get("kind", "train") == "train" and _is_number(r.get("step"))],
-        eval_curve=[r for r in log if r.get("kind") == "eval" and _is_number(r.get("step"))],
+        train_curve=[r for r in log if r.get("kind", "train") == "train" and is_number(r.get("step"))],
+        eval_curve=[r for r in log if r.get("kind") == "eval" and is_number(r.get("step"))],
         answers=answers, notes=notes)
 
 
@@ -403,29 +381,6 @@ def answer_groups(stages: list[StageReport], limit: int = SAMPLE_PROMPTS) -> lis
     return out
 
 
-# --------------------------------------------------------------------------- safety
-
-
-def safety_results(run: RunPaths, stages: list[StageReport]) -> list[dict[str, Any]]:
-    """``runs/<run>/safety/*.json`` and eval.json metrics named ``safety/*`` or ``safety_*`` (module docstring)."""
-    out = []
-    for path in sorted((run.root / "safety").glob("*.json")):
-        obj = read_json_file(path, "safety result")
-        metrics = obj.get("metrics", {k: v for k, v in obj.items() if _is_number(v)})
-        if not isinstance(metrics, dict):
-            raise ReportError(f"{path}: malformed safety result: 'metrics' must be an object of numbers")
-        cases = obj.get("cases", [])
-        if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-            raise ReportError(f"{path}: malformed safety result: 'cases' must be a list of objects")
-        out.append({"title": str(obj.get("title") or path.stem), "model": obj.get("model"),
-                    "metrics": {k: v for k, v in metrics.items() if _is_number(v)}, "cases": cases})
-    for s in stages:
-        found = {r.name: r.value for r in s.rows if r.name.startswith(("safety/", "safety_"))}
-        if found:
-            out.append({"title": f"{s.name} eval.json", "model": s.label, "metrics": found, "cases": []})
-    return out
-
-
 # --------------------------------------------------------------------------- targets
 
 
@@ -489,6 +444,8 @@ def build_report(run_dir: str | Path | None, compare: tuple[str | Path, str | Pa
     """Everything a report card shows. ``run_dir``: a run (all its stages) or, with ``model`` (or a model
     directory as ``run_dir``), just the stages in that model's lineage; None with ``compare`` for a
     comparison alone. ``compare``: two runs or models (anything ``resolve_target`` takes)."""
+    from chatforge.report.sections import safety_results
+
     if run_dir is None and compare is None:
         raise ReportError("nothing to report: give a run or model, or two to compare")
     stages: list[StageReport] = []
@@ -545,50 +502,3 @@ def compare_rows(a: Side, b: Side) -> list[tuple[str, str, list[MetricRow]]]:
             rows.append(MetricRow(n, rb.value if rb else None, ra.value if ra else None))
         out.append((sa.label, sb.label, rows))
     return out
-
-
-def generic_tables(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tables (``{"title", "columns", "rows"}``) for the ``human`` section (module docstring)."""
-    tables: list[dict[str, Any]] = []
-    if isinstance(obj.get("tables"), list):
-        for i, t in enumerate(obj["tables"]):
-            if not isinstance(t, dict) or not isinstance(t.get("columns"), list) or not isinstance(t.get("rows"), list):
-                raise ReportError(f"human-eval table {i}: needs 'columns' and 'rows' lists")
-            tables.append({"title": str(t.get("title", f"table {i + 1}")), "columns": [str(c) for c in t["columns"]],
-                           "rows": [list(r) for r in t["rows"]], "note": str(t.get("note", ""))})
-    for c in obj.get("comparisons", []) or []:
-        tables.append(comparison_table(c))
-    if tables:
-        return tables
-    scalars = {k: v for k, v in obj.items() if not isinstance(v, dict | list)}
-    for k, v in obj.items():
-        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            cols = list(dict.fromkeys(c for x in v for c in x))
-            tables.append({"title": k, "columns": cols, "rows": [[_cell(x.get(c)) for c in cols] for x in v],
-                           "note": ""})
-        elif isinstance(v, dict):
-            tables.append({"title": k, "columns": ["name", "value"],
-                           "rows": [[kk, _cell(vv)] for kk, vv in v.items()], "note": ""})
-    if scalars:
-        tables.insert(0, {"title": "summary", "columns": ["name", "value"],
-                          "rows": [[k, v] for k, v in scalars.items()], "note": ""})
-    return tables
-
-
-def _cell(v: Any) -> Any:
-    return json.dumps(v) if isinstance(v, dict | list) else v
-
-
-def comparison_table(result: dict[str, Any]) -> dict[str, Any]:
-    """A ``chatforge.align.review.comparison_result`` as a table."""
-    interval = result.get("interval_95")
-    rows = [["aligned model", result.get("aligned")], ["parent model", result.get("parent")],
-            ["judgements", result.get("judgements")], ["aligned preferred", result.get("aligned_wins")],
-            ["win rate", result.get("win_rate")],
-            ["95% interval", f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else None]]
-    if result.get("pairwise_agreement") is not None:
-        rows.append(["reviewer agreement", result["pairwise_agreement"]])
-        rows.append(["prompts ranked by 2+", result.get("agreement_prompts")])
-    return {"title": f"blind comparison: {result.get('dataset')}", "columns": ["", "value"], "rows": rows,
-            "note": "a judgement is one reviewer's ranking of one prompt; the aligned model wins it when its "
-                    "answer is ranked first"}

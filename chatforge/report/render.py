@@ -17,8 +17,9 @@ from typing import Any
 
 from chatforge import __version__
 from chatforge.io import atomic_write
-from chatforge.report.gather import MetricRow, ReportData, StageReport, compare_rows, generic_tables
+from chatforge.report.gather import MetricRow, ReportData, StageReport, compare_rows
 from chatforge.report.plots import has_curves, stage_curves
+from chatforge.report.sections import generic_tables, registry_table
 
 DIFFERENT_STAGES = ("two different stages: a metric of the same name may be measured on different data (val_loss "
                     "of DPO is its loss on preference pairs); the test_* answer metrics are comparable when both "
@@ -249,19 +250,6 @@ def render_html(data: ReportData, plots: dict[str, bytes]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>chatforge report — {html.escape(data.title)}</title><style>{CSS}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")
-
-
-def registry_table(registry: dict[str, Any]) -> dict[str, Any]:
-    versions = registry.get("versions", [])
-    if not isinstance(versions, list) or not all(isinstance(v, dict) for v in versions):
-        from chatforge.report.gather import ReportError
-
-        raise ReportError("registry: 'versions' must be a list of objects (stage, version, aliases, decision, ...)")
-    fixed = ["stage", "version", "aliases", "decision", "reason", "created_at"]
-    extra = [k for v in versions for k, x in v.items() if k not in fixed and not isinstance(x, dict | list)]
-    cols = [c for c in fixed if any(c in v for v in versions)] + list(dict.fromkeys(extra))
-    rows = [[", ".join(map(str, v[c])) if isinstance(v.get(c), list) else v.get(c) for c in cols] for v in versions]
-    return {"title": "versions", "columns": cols, "rows": rows, "note": ""}
 
 
 # --------------------------------------------------------------------------- Markdown
