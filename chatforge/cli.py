@@ -11,6 +11,7 @@
     chatforge sample [MODEL] [--name RUN] [--prompt TEXT ...] [sampling flags]
     chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
     chatforge eval perplexity|prompt-classify|checks|probe [MODEL] [--name RUN] ...
+    chatforge report [RUN_OR_MODEL] [--name RUN] [--compare A B] [--out DIR] [--db URL]
 
 MODEL is a model directory or a stage of the run (sft, pretrain, ...); every command that
 reads a run takes --name/--runs-dir.
@@ -33,6 +34,7 @@ from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
 from chatforge.registry.cli import add_models_parser
+from chatforge.report.cli import add_report_parser
 from chatforge.serve.cli import add_serve_parser
 from chatforge.stages import align_stages, finetune_stages
 from chatforge.store.cli import add_feedback_parser
@@ -151,7 +153,13 @@ def _print_outputs(cfg: RunConfig) -> None:
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> None:
-    _run(_config(args), only=args.only or None, force=args.force)
+    cfg = _config(args)
+    _run(cfg, only=args.only or None, force=args.force)
+    from chatforge.report.cli import write_run_report
+
+    written = write_run_report(cfg.run_dir)  # None until a training stage has results
+    if written:
+        console.print(f"\n[bold]Report card[/bold]: {escape(str(written[0]))} (and report.md beside it)", soft_wrap=True)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -756,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_feedback_parser(sub)
     add_models_parser(sub)
+    add_report_parser(sub)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)

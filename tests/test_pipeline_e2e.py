@@ -60,6 +60,8 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert "probe_repeat_ratio" in report and "copy probe: nll" in r.stdout  # in-context copying, after pre-training
     for label in ("clean report", "tokenizer", "train/val shards", "pre-trained model", "pretrain report"):
         assert label in r.stdout
+    # the main job ends with the report card, one self-contained file
+    assert "Report card" in r.stdout and (run / "report" / "report.html").is_file() and (run / "report" / "report.md").is_file()
 
     # fine-tuning: classifiers beat the majority class, generative stages report BLEU with its signature
     def metrics(stage: str) -> dict:

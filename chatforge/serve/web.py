@@ -323,6 +323,23 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+# The report card has inline CSS and data: images, and no script: a policy of its own that allows just that.
+REPORT_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
+
+
+def report_file(state: ServeState) -> Path | None:
+    """``<run>/report/report.html`` of the first served model that belongs to a run with one."""
+    from chatforge.paths import stage_of_model_dir
+
+    for served in state.models.values():
+        found = stage_of_model_dir(served.path)
+        if found is not None and (found[0] / "report" / "report.html").is_file():
+            return found[0] / "report" / "report.html"
+    return None
+
+
 # --------------------------------------------------------------------------- the app
 
 
@@ -764,6 +781,19 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
 
     for name in PAGES:
         app.add_api_route(f"/{name}", page(name), methods=["GET"], include_in_schema=False)
+
+    @app.get("/report", include_in_schema=False)
+    async def report(request: Request) -> Response:
+        """The served run's report card (``chatforge report``), for logged-in users; others go to the login."""
+        token = request.cookies.get(COOKIE)
+        if token is None or await call(service.user_for_session, store, token, idle) is None:
+            return RedirectResponse("/login?next=/report", status_code=303)
+        path = report_file(state)
+        if path is None:
+            return Response("No report card yet: write one with `chatforge report --name RUN` (chatforge pipeline "
+                            "run writes it at its end).\n", status_code=404, media_type="text/plain",
+                            headers=REPORT_HEADERS)
+        return FileResponse(path, media_type="text/html", headers=REPORT_HEADERS)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -102,6 +102,7 @@ const CF = (() => {
     { href: "/rank", label: "Rank", roles: ["reviewer", "admin"] },
     { href: "/label", label: "Label", roles: ["annotator", "admin"] },
     { href: "/admin", label: "Admin", roles: ["admin"] },
+    { href: "/report", label: "Report", roles: null },  // the run's report card (chatforge report)
   ];
 
   // Draw the nav bar and return the logged-in user ({id, username, role}); null if the page's

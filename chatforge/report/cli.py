@@ -1,0 +1,107 @@
+"""``chatforge report``: write a run's (or a model's) report card and print where it is.
+
+    chatforge report                              # runs/default -> runs/default/report/report.{html,md}
+    chatforge report --name mine                  # runs/mine
+    chatforge report sft@8067d3b4d1ac --name mine # one model's lineage only
+    chatforge report --compare runs/a runs/b      # two runs (or two models) side by side
+    chatforge report --db postgresql://...        # human-eval results from that feedback store
+
+The human-evaluation section comes from the feedback store (``--db``, else the run's
+``feedback.db`` when it exists): every blind comparison ``chatforge align compare queue``
+made (``comparison_result``), and ``chatforge.eval.human.human_eval_stats`` when that
+module is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from chatforge.paths import RunPaths
+from chatforge.report.gather import ReportError, build_report, resolve_target
+from chatforge.report.render import write_report
+from chatforge.stages import TRAINING_STAGES
+
+
+def human_from_store(db_url: str) -> dict[str, Any] | None:
+    """The ``human`` section (``chatforge.report.gather``) from a feedback store; None when it holds none."""
+    from chatforge.align.review import comparison_result
+    from chatforge.errors import ChatforgeError
+    from chatforge.store import service
+    from chatforge.store.db import Store
+
+    store = Store(db_url)
+    try:
+        out: dict[str, Any] = {"tables": [], "comparisons": []}
+        try:
+            from chatforge.eval.human import human_eval_stats  # built alongside; absent in older trees
+        except ImportError:
+            human_eval_stats = None
+        if human_eval_stats is not None:
+            from chatforge.report.sections import generic_tables
+
+            out["tables"] = generic_tables(human_eval_stats(store))
+        for ds in service.list_datasets(store):
+            if ds["kind"] != "prompts" or not ds["name"].startswith("blind "):  # queue_comparison's names
+                continue
+            try:
+                result = comparison_result(store, ds["name"])
+            except ChatforgeError:
+                continue  # a dataset that only looks like a comparison
+            if result["judgements"]:
+                out["comparisons"].append(result)
+    finally:
+        store.close()
+    return out if out["tables"] or out["comparisons"] else None
+
+
+def write_run_report(run_dir: str | Path, db_url: str | None = None) -> tuple[Path, Path] | None:
+    """The report card of a whole run, into ``<run>/report/``; what ``chatforge pipeline run`` ends with.
+    None while no training stage has results (a pipeline run of the data stages only)."""
+    run = RunPaths(Path(run_dir))
+    if not any(run.stage(d.subdir).eval.is_file() for d in TRAINING_STAGES):
+        return None
+    if db_url is None and run.feedback_db.is_file():
+        from chatforge.store.db import default_db_url
+
+        db_url = default_db_url(run.root)
+    human = human_from_store(db_url) if db_url else None
+    return write_report(build_report(run.root, human=human), run.root / "report")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    runs_dir = args.runs_dir or "runs"
+    target = args.target or (None if args.compare and not args.name else
+                             str(RunPaths.of(runs_dir, args.name or "default").root))
+    if target is not None and args.name and not Path(target).is_dir() and ":" not in target:
+        target = f"{args.name}:{target}"  # STAGE[@VERSION] of the --name run
+    run = resolve_target(target, runs_dir)[0] if target is not None else resolve_target(args.compare[0], runs_dir)[0]
+    db_url = args.db
+    if db_url is None and run.feedback_db.is_file():
+        from chatforge.store.db import default_db_url
+
+        db_url = default_db_url(run.root)
+    human = human_from_store(db_url) if db_url else None
+    data = build_report(target, compare=tuple(args.compare) if args.compare else None, human=human,
+                        runs_dir=runs_dir)
+    out = Path(args.out) if args.out else run.root / "report" / ("compare" if target is None else "")
+    html_path, md_path = write_report(data, out)
+    print(html_path)
+    print(md_path)
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="the report card: one self-contained HTML file and a Markdown summary")
+    p.add_argument("target", nargs="?", metavar="RUN_OR_MODEL",
+                   help="run directory, model directory, STAGE or STAGE@VERSION of the run (default: the --name run)")
+    p.add_argument("--name", help="run name (default: 'default')")
+    p.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two runs or models side by side (metric deltas, curves overlaid)")
+    p.add_argument("--out", help="output directory (default: RUN/report, or RUN/report/compare for --compare alone)")
+    p.add_argument("--db", help="feedback database URL for the human-eval section (default: the run's feedback.db)")
+    p.set_defaults(func=cmd_report)
+
+
+__all__ = ["ReportError", "add_report_parser", "cmd_report", "human_from_store", "write_run_report"]
