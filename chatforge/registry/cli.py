@@ -88,7 +88,9 @@ def cmd_models(args: argparse.Namespace) -> None:
             console.print(f"no versions registered in {reg.root} (a training stage registers its model)")
             return
         table = Table(title=f"registry {reg.root}")
-        for col in ("version", "name", "stage", "parent", "primary metric", "aliases", "created"):
+        for col in ("version", "name", "stage", "parent"):  # ids are copied from here: never wrapped
+            table.add_column(col, no_wrap=True, min_width=12 if col in ("version", "parent") else None)
+        for col in ("primary metric", "aliases", "created"):
             table.add_column(col)
         for v in versions:
             table.add_row(v.version, v.name, v.stage, v.parent or "-", _metric_line(v),
@@ -180,7 +182,7 @@ def diff_table(a: Version, b: Version) -> Any:
 
     table = Table(title=f"{a.version} ({a.stage}) vs {b.version} ({b.stage})")
     for col in ("field", a.version, b.version, "change"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for key in sorted(set(a.metrics) | set(b.metrics)):
         x, y = a.metrics.get(key), b.metrics.get(key)
         change = ""
