@@ -162,6 +162,33 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
         console.print(f"\n[bold]Report card[/bold]: {escape(str(written[0]))} (and report.md beside it)", soft_wrap=True)
 
 
+def cmd_round(args: argparse.Namespace) -> None:
+    from chatforge.registry import Registry
+    from chatforge.report import build_report, write_report
+    from chatforge.report.cli import human_from_store, registry_section, write_run_report
+    from chatforge.rounds import run_round
+    from chatforge.store.db import default_db_url
+
+    cfg = _config(args)
+    decision = run_round(cfg, args.config, list(args.overrides),
+                         say=lambda text: console.print(text, markup=False, soft_wrap=True))
+    reg = Registry(cfg.runs_dir)
+    run_report = write_run_report(cfg.run_dir)
+    human = human_from_store(default_db_url(cfg.run_dir))
+    out = cfg.run_dir / "rounds" / str(decision["round"]) / "report"
+    html, _ = write_report(build_report(None, compare=(str(reg.path_of(decision["champion"])),
+                                                        str(reg.path_of(decision["challenger"]))),
+                                        human=human, registry=registry_section(cfg.runs_dir, cfg.name),
+                                        runs_dir=cfg.runs_dir), out)
+    console.print(f"\n[bold]Round {decision['round']}[/bold]: {decision['decision']}; champion "
+                  f"{reg.aliases(cfg.name).get('champion')}, challenger {decision['challenger']}", soft_wrap=True)
+    console.print(f"  decision: {escape(str(cfg.run_dir / 'rounds' / str(decision['round']) / 'decision.json'))}",
+                  soft_wrap=True)
+    console.print(f"  champion vs challenger report: {escape(str(html))}", soft_wrap=True)
+    if run_report:
+        console.print(f"  run report: {escape(str(run_report[0]))}", soft_wrap=True)
+
+
 def cmd_stage(args: argparse.Namespace) -> None:
     extra = []
     if getattr(args, "sources", None):
@@ -765,6 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_feedback_parser(sub)
     add_models_parser(sub)
     add_report_parser(sub)
+
+    rnd = sub.add_parser("round", help="the next challenger from the feedback since the champion; promoted only if "
+                                       "not worse on the guarded metrics (round.* settings)")
+    _add_config_args(rnd)
+    rnd.set_defaults(func=cmd_round)
 
     conf = sub.add_parser("config", help="inspect configs")
     conf_sub = conf.add_subparsers(dest="action", required=True)

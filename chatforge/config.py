@@ -327,6 +327,21 @@ def _classify_defaults() -> ClassifyConfig:
 
 
 @dataclass
+class RoundConfig:
+    """``chatforge round``: the next challenger from the feedback collected since the champion (``rounds.py``)."""
+
+    min_rating: float = 4.0  # rated answers whose mean over aspects and raters reaches this become SFT rows
+    min_new: int = 1  # feedback rows (SFT + preference) needed since the champion; fewer stops the round
+    sft_steps: int = 60  # SFT from the champion on the previous + new SFT rows; 0 = no SFT, align the champion
+    dpo_steps: int = 60  # DPO on the previous + new preference pairs (the round's SFT model is the reference)
+    eval_prompts: int = 0  # held-out support prompts both models answer for the comparison; 0 = all
+    # guarded metrics "name:tolerance": the challenger is promoted only if, on every one, the lower end of
+    # the 95% paired-bootstrap interval of (challenger - champion) is above -tolerance (non-inferiority)
+    guard: list[str] = field(default_factory=lambda: ["checks_mean:0.01", "no_leak:0.01", "ended:0.01"])
+    seed: int = 1337
+
+
+@dataclass
 class RunConfig:
     """Everything one run of the pipeline needs."""
 
@@ -351,6 +366,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=_dpo_defaults)
     ppo: PPOConfig = field(default_factory=_ppo_defaults)  # SupportWorld support prompts, the run's reward model
     grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks
+    round: RoundConfig = field(default_factory=RoundConfig)  # `chatforge round` (not a stage of the pipeline)
 
     @property
     def run_dir(self) -> Path:

@@ -56,6 +56,26 @@ def human_from_store(db_url: str) -> dict[str, Any] | None:
     return out if out["tables"] or out["comparisons"] else None
 
 
+def registry_section(runs_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """The registry's versions of ``name`` (the run) as the report's registry section: aliases, parents, and
+    each round's decision beside its challenger. None when nothing is registered."""
+    from chatforge.registry import Registry
+
+    reg = Registry(runs_dir)
+    versions = reg.list(name)
+    if not versions:
+        return None
+    decided = {d["challenger"]: d for d in reg.decisions(name)}
+    rows = []
+    for v in versions:
+        d = decided.get(v.version)
+        rows.append({"stage": v.stage, "version": v.version, "parent": v.parent or "",
+                     "aliases": ["@" + a for a in reg.aliases_of(v.version)], "created_at": v.created_at,
+                     "decision": f"round {d['round']}: {d['decision']}" if d else "",
+                     "reason": "; ".join(d["reasons"]) if d else ""})
+    return {"versions": rows}
+
+
 def write_run_report(run_dir: str | Path, db_url: str | None = None) -> tuple[Path, Path] | None:
     """The report card of a whole run, into ``<run>/report/``; what ``chatforge pipeline run`` ends with.
     None while no training stage has results (a pipeline run of the data stages only)."""
@@ -67,7 +87,8 @@ def write_run_report(run_dir: str | Path, db_url: str | None = None) -> tuple[Pa
 
         db_url = default_db_url(run.root)
     human = human_from_store(db_url) if db_url else None
-    return write_report(build_report(run.root, human=human), run.root / "report")
+    registry = registry_section(run.root.parent, run.name)
+    return write_report(build_report(run.root, human=human, registry=registry), run.root / "report")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -84,7 +105,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         db_url = default_db_url(run.root)
     human = human_from_store(db_url) if db_url else None
     data = build_report(target, compare=tuple(args.compare) if args.compare else None, human=human,
-                        runs_dir=runs_dir)
+                        registry=registry_section(run.root.parent, run.name), runs_dir=runs_dir)
     out = Path(args.out) if args.out else run.root / "report" / ("compare" if target is None else "")
     html_path, md_path = write_report(data, out)
     print(html_path)
