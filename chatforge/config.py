@@ -332,6 +332,9 @@ class RoundConfig:
 
     min_rating: float = 4.0  # rated answers whose mean over aspects and raters reaches this become SFT rows
     min_new: int = 1  # feedback rows (SFT + preference) needed since the champion; fewer stops the round
+    # previous rows (the champion's SFT conversations, its DPO pairs) kept per new feedback row, drawn at
+    # random: the feedback would be a few percent of the set with all of them; -1 = all
+    replay: float = 1.0
     sft_steps: int = 60  # SFT from the champion on the previous + new SFT rows; 0 = no SFT, align the champion
     dpo_steps: int = 60  # DPO on the previous + new preference pairs (the round's SFT model is the reference)
     eval_prompts: int = 0  # held-out support prompts both models answer for the comparison; 0 = all

@@ -125,13 +125,27 @@ def _read(source: str | None) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl(source)]
 
 
+def _replayed(previous: list[dict[str, Any]], n_new: int, replay: float, seed: int) -> list[dict[str, Any]]:
+    """``replay`` previous rows per new one, drawn at random (seeded); ``replay < 0`` keeps them all."""
+    if replay < 0 or len(previous) <= replay * n_new:
+        return previous
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(previous)), round(replay * n_new)))
+    return [previous[i] for i in keep]
+
+
 def build_round_data(feedback: dict[str, list[dict[str, Any]]], previous_sft: list[dict[str, Any]],
-                     previous_pairs: list[dict[str, Any]], since: _dt.datetime) -> tuple[list, list, dict[str, Any]]:
-    """The next SFT rows and preference pairs: the feedback since ``since`` + the previous data, without
-    repeats; pairs the reviewers contradict are dropped. Returns ``(sft, pairs, counts)``."""
+                     previous_pairs: list[dict[str, Any]], since: _dt.datetime, replay: float = -1.0,
+                     seed: int = 0) -> tuple[list, list, dict[str, Any]]:
+    """The next SFT rows and preference pairs: the feedback since ``since`` + the previous data (``replay``
+    previous rows per new row, drawn at random; < 0 = all of it), without repeats; pairs the reviewers
+    contradict are dropped. Returns ``(sft, pairs, counts)``."""
     new_sft, new_pairs = _since(feedback.get("sft", []), since), _since(feedback.get("preferences", []), since)
     counts: dict[str, Any] = {"feedback_sft": len(new_sft), "feedback_pairs": len(new_pairs),
                               "previous_sft": len(previous_sft), "previous_pairs": len(previous_pairs)}
+    previous_sft = _replayed(previous_sft, len(new_sft), replay, seed)
+    counts["previous_sft_kept"] = len(previous_sft)
     sft, seen = [], set()
     for row in [*previous_sft, *new_sft]:
         k = _key(row["messages"])
@@ -155,6 +169,8 @@ def build_round_data(feedback: dict[str, list[dict[str, Any]]], previous_sft: li
     fresh = [rows[k][1 if v > 0 else -1] for k, v in votes.items() if v != 0]
     counts["feedback_pairs_contradicted"] = sum(1 for v in votes.values() if v == 0)
     counts["feedback_pairs_distinct"] = len(fresh)
+    previous_pairs = _replayed(previous_pairs, len(fresh), replay, seed)
+    counts["previous_pairs_kept"] = len(previous_pairs)
     pairs, seen = [], set()
     for row in [*previous_pairs, *fresh]:
         k = _key([_as_messages(row["prompt"]), _answer(row["chosen"]), _answer(row["rejected"])])
@@ -227,7 +243,8 @@ def run_round(cfg: RunConfig, config_path: str | None = None, overrides: list[st
     reg = Registry(run.root.parent)
     champ = champion(reg, run)
     champ_dir = reg.path_of(champ.version)
-    number = 1 + sum(1 for d in reg.decisions(run.name) if d.get("round"))
+    # round 1 is the pipeline's models; each `chatforge round` is the next
+    number = 2 + sum(1 for d in reg.decisions(run.name) if d.get("round"))
     out = run.root / "rounds" / f"{number}"
     say(f"round {number}: champion {run.name}@champion = {champ.version} ({champ.stage}, {champ_dir})")
 
@@ -244,11 +261,13 @@ def run_round(cfg: RunConfig, config_path: str | None = None, overrides: list[st
     sft_v, dpo_v = ancestor(reg, champ, "sft"), ancestor(reg, champ, "dpo")
     prev_sft = _read(((sft_v.record.get("data") or {}).get("train") or {}).get("source") if sft_v else None)
     prev_pairs = _read(((dpo_v.record.get("data") or {}).get("train") or {}).get("source") if dpo_v else None)
-    sft_rows, pair_rows, data_counts = build_round_data(feedback, prev_sft, prev_pairs, since)
+    sft_rows, pair_rows, data_counts = build_round_data(feedback, prev_sft, prev_pairs, since, rc.replay, rc.seed)
     new = data_counts["feedback_sft"] + data_counts["feedback_pairs"]
     say(f"round {number}: feedback since {since.isoformat(timespec='seconds')}: {data_counts['feedback_sft']} SFT "
         f"rows, {data_counts['feedback_pairs']} preference pairs ({data_counts['feedback_pairs_contradicted']} "
-        f"contradicted by another reviewer, dropped); next sets: {data_counts['sft']} SFT rows "
+        f"contradicted by another reviewer, dropped); with {data_counts['previous_sft_kept']} of "
+        f"{data_counts['previous_sft']} previous SFT rows and {data_counts['previous_pairs_kept']} of "
+        f"{data_counts['previous_pairs']} previous pairs: {data_counts['sft']} SFT rows "
         f"({data_counts['sft_duplicates']} repeats removed), {data_counts['pairs']} pairs")
     if new < rc.min_new:
         raise ChatforgeError(f"round: {new} feedback rows since the champion was trained (round.min_new is "

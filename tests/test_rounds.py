@@ -97,6 +97,10 @@ def test_round_data_takes_new_feedback_removes_repeats_and_contradictions():
     assert counts["feedback_sft"] == 2 and counts["sft_duplicates"] == 1
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("good", "bad")]
     assert counts["feedback_pairs"] == 5 and counts["feedback_pairs_contradicted"] == 1 and counts["pairs"] == 1
+    # replay: previous rows kept per new row, drawn at random
+    many = [{"messages": [{"role": "user", "content": f"m{i}"}]} for i in range(50)]
+    sft, _, counts = build_round_data(feedback, many, [], T0, replay=2.0, seed=1)
+    assert counts["previous_sft_kept"] == 4 and len(sft) == 6 and sft[:4] != many[:4]
 
 
 @pytest.fixture(scope="module")
