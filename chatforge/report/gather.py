@@ -430,9 +430,36 @@ def _side(run: RunPaths, model: Path | None) -> Side:
     report = stage_report(run, subdir)
     config = _model_config(model) or {}
     if config.get("version") != report.version:
-        raise ReportError(f"{run.stage(subdir).eval} is of {report.version}, not of {model} "
-                          f"({config.get('version')}): its stage was retrained, so its figures are gone")
+        report = _registered_report(run, subdir, config.get("version"))
+        if report is None:
+            raise ReportError(f"{run.stage(subdir).eval} is of {report_version(run, subdir)}, not of {model} "
+                              f"({config.get('version')}): its stage was retrained, so its figures are gone")
     return Side(f"{run.name}/{report.label}", [report])
+
+
+def report_version(run: RunPaths, subdir: str) -> str:
+    return str(read_eval(run.stage(subdir).eval).get("version"))
+
+
+def _registered_report(run: RunPaths, subdir: str, version: str | None) -> StageReport | None:
+    """An older version's figures from the model registry (its stage's eval.json now holds a newer model's):
+    the metrics recorded when it was saved, without curves or answers."""
+    from chatforge.registry import Registry, RegistryError
+
+    try:
+        v = Registry(run.root.parent).get(version or "")
+    except RegistryError:
+        return None
+    rec = v.record
+    primary = rec.get("primary") or {"name": "", "value": None, "goal": "max"}
+    rows = [MetricRow(k, x) for k, x in (rec.get("metrics") or {}).items() if is_number(x)]
+    rows.sort(key=lambda r: r.name != primary.get("name"))
+    return StageReport(
+        name=v.stage, subdir=subdir, task=str(rec.get("task") or ""), version=v.version,
+        parent={"stage": (rec.get("parent") or {}).get("stage"), "version": v.parent} if v.parent else None,
+        primary=primary, rows=rows, train=rec.get("train") or {}, wall_time_s=rec.get("wall_time_s"),
+        created_at=v.created_at, data=rec.get("data") or {},
+        notes=[f"{v.version}: figures from the model registry (its stage was retrained since; no curves kept)"])
 
 
 # --------------------------------------------------------------------------- the report
