@@ -335,12 +335,17 @@ class RoundConfig:
     # previous rows (the champion's SFT conversations, its DPO pairs) kept per new feedback row, drawn at
     # random: the feedback would be a few percent of the set with all of them; -1 = all
     replay: float = 1.0
-    sft_steps: int = 60  # SFT from the champion on the previous + new SFT rows; 0 = no SFT, align the champion
-    dpo_steps: int = 60  # DPO on the previous + new preference pairs (the round's SFT model is the reference)
+    # SFT from the champion on the rated answers + replayed conversations before DPO; 0 = DPO on the champion
+    # only. Measured on the tiny main job's model (408 held-out prompts): 60 SFT steps at the preset's SFT LR
+    # then 60 DPO steps lowered the mean check by 1.7 points (-3.0..-0.4); 60 DPO steps alone: +0.5 (-0.3..+1.3)
+    sft_steps: int = 0
+    dpo_steps: int = 60  # DPO on the previous + new preference pairs (the round's SFT model, or the champion)
     eval_prompts: int = 0  # held-out support prompts both models answer for the comparison; 0 = all
     # guarded metrics "name:tolerance": the challenger is promoted only if, on every one, the lower end of
-    # the 95% paired-bootstrap interval of (challenger - champion) is above -tolerance (non-inferiority)
-    guard: list[str] = field(default_factory=lambda: ["checks_mean:0.01", "no_leak:0.01", "ended:0.01"])
+    # the 95% paired-bootstrap interval of (challenger - champion) is above -tolerance (non-inferiority).
+    # A yes/no check on 408 prompts has an interval about +-0.017 wide even when nothing changed, so its
+    # margin is 0.03; the mean over the checks is smoother (+-0.008) and keeps 0.01
+    guard: list[str] = field(default_factory=lambda: ["checks_mean:0.01", "no_leak:0.03", "ended:0.03"])
     seed: int = 1337
 
 

@@ -9,9 +9,9 @@ One round, in order:
    rows), merged with the data the champion's lineage was trained on, de-duplicated; preference
    pairs that reviewers contradict (A over B and B over A for the same prompt) are dropped. The
    counts and both sets are written to ``rounds/<k>/``;
-3. a challenger: SFT from the champion on the merged SFT rows (``round.sft_steps``), then DPO from that
-   on the merged pairs (``round.dpo_steps``), through the usual stages (so both are registered
-   versions with their parents);
+3. a challenger: DPO from the champion on the merged pairs (``round.dpo_steps``), after SFT from the
+   champion on the merged SFT rows when ``round.sft_steps`` > 0, through the usual stages (so each is
+   a registered version with its parent);
 4. both answer the same held-out support prompts; the SupportWorld checks are compared per prompt
    (paired bootstrap) on the guarded metrics;
 5. ``@challenger`` moves to the new model; ``@champion`` moves too only if the challenger is not worse
