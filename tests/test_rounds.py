@@ -126,6 +126,12 @@ def test_simulated_reviewers_rank_and_rate_through_the_api_and_say_so(tmp_path, 
     ratings = [r for _, r in read_jsonl(tmp_path / "export" / "ratings.jsonl")]
     assert len(ratings) == 15 and all(r["comment"] == SIMULATED_COMMENT for r in ratings)
     assert {r["meta"]["user"] for r in ratings} <= set(out["reviewers"])
+    # one model's answers ranked by two reviewers each: no version comparison, but agreement on every shared pair
+    from chatforge.store.stats import human_eval_stats
+
+    stats = human_eval_stats(Store(f"sqlite:///{tmp_path / 'feedback.db'}"), n_boot=50)
+    assert stats["win_rates"] == [] and stats["agreement"]["rank"]["n_pairs"] == 5 * 3
+    assert all(r["rank_agreement"]["n_shared"] > 0 for r in stats["reviewers"])
     pairs = [r for _, r in read_jsonl(tmp_path / "export" / "preferences.jsonl")]
     assert all(p["meta"]["dataset"] == "simulated-t" and p["meta"]["user"].startswith("simulated-") for p in pairs)
     # a second simulation on the same database would reuse the users' names: refused, nothing changed

@@ -42,7 +42,8 @@ def version_label(model_id: str, model_version: str | None) -> str:
     return f"{model_id}@{model_version}" if model_version else model_id
 
 
-def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list[Comparison], dict[str, int]]:
+def _read(store: Store, dataset: str | None
+          ) -> tuple[list[dict[str, Any]], list[Comparison], list[Comparison], dict[str, int]]:
     with store.session(write=False) as s:
         ds_id = None
         if dataset is not None:
@@ -70,7 +71,8 @@ def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list
                                 "version": responses[r.response_id][1],
                                 **{a: float(getattr(r, a)) for a in RATING_ASPECTS}})
 
-        comparisons: list[Comparison] = []
+        comparisons: list[Comparison] = []  # between versions: win rates, Bradley-Terry
+        judged: list[Comparison] = []  # every ranked pair of answers: reviewer agreement
         n_rankings = 0
         for rk in s.scalars(ranking_q):
             order = [i for i in rk.order if i in responses]  # a response deleted since is skipped
@@ -81,9 +83,13 @@ def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list
             for x, better in enumerate(order):
                 for worse in order[x + 1:]:
                     a, b = responses[better][1], responses[worse][1]
+                    unit = ("ranking", min(better, worse), max(better, worse))
+                    # agreement is about answers, whatever model wrote them: every ranked pair counts,
+                    # oriented by response id so that two reviewers' judgements of it line up
+                    judged.append(Comparison(f"response {unit[1]}", f"response {unit[2]}",
+                                             float(better == unit[1]), reviewer, unit))
                     if a != b:
-                        comparisons.append(Comparison(a, b, 1.0, reviewer, ("ranking", better, worse)
-                                                      if better < worse else ("ranking", worse, better)))
+                        comparisons.append(Comparison(a, b, 1.0, reviewer, unit))
         n_thumb = 0
         if ds_id is None:
             groups: dict[tuple[int, int, int | None], list[tuple[int, str, int]]] = defaultdict(list)
@@ -105,7 +111,7 @@ def _read(store: Store, dataset: str | None) -> tuple[list[dict[str, Any]], list
                             n_thumb += 1
     counts = {"ratings": len(ratings), "rankings": n_rankings, "comparisons": len(comparisons),
               "thumb_comparisons": n_thumb}
-    return ratings, comparisons, counts
+    return ratings, comparisons, judged, counts
 
 
 def _alpha(rows: list[dict[str, Any]], aspect: str) -> dict[str, Any]:
@@ -170,16 +176,18 @@ def human_eval_stats(store: Store, dataset: str | None = None, baseline: str | N
     battles, as Chatbot Arena does."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ChatforgeError(f"n_boot must be a whole number of at least 1, got {n_boot!r}")
-    ratings, comparisons, counts = _read(store, dataset)
+    ratings, comparisons, judged, counts = _read(store, dataset)
     versions = sorted({r["version"] for r in ratings} | {c.a for c in comparisons} | {c.b for c in comparisons})
     if baseline is not None and baseline not in {c.a for c in comparisons} | {c.b for c in comparisons}:
         where = f"dataset {dataset!r}" if dataset else store.safe_url
         raise ChatforgeError(f"baseline {baseline!r} is in no comparison in {where}; the compared versions are: "
                              f"{', '.join(sorted({c.a for c in comparisons} | {c.b for c in comparisons})) or 'none'}")
+    # agreement from every ranked pair and from the thumbs comparisons (the only ties the store records)
+    judged = judged + [c for c in comparisons if c.source != "ranking"]
     reviewer_rows = reviewer_outliers(
-        comparisons, [(r["reviewer"], r["response"], sum(r[a] for a in RATING_ASPECTS) / len(RATING_ASPECTS))
+        judged, [(r["reviewer"], r["response"], sum(r[a] for a in RATING_ASPECTS) / len(RATING_ASPECTS))
                       for r in ratings], min_shared=min_shared)
-    agree, total = pair_agreement(comparisons)
+    agree, total = pair_agreement(judged)
     rows_all = [{**r, OVERALL: sum(r[a] for a in RATING_ASPECTS) / len(RATING_ASPECTS)} for r in ratings]
     return {
         "dataset": dataset, "baseline": baseline, "versions": versions,
