@@ -188,6 +188,34 @@ def test_completions_logprobs_and_echo(client):
     assert "".join(ch.choices[0].text for ch in stream) == r.choices[1].text[2:]
 
 
+def test_tokenizer_endpoints_and_token_id_scoring_as_lm_eval_sends_them(url):
+    """What lm-eval's local-completions does: its RemoteTokenizer (/tokenizer_info, /tokenize with
+    add_special_tokens false), then token-id prompts with echo, logprobs 1 and max_tokens 1."""
+    info = httpx.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert info["eos_token"] == "<|end|>" and info["bos_token"] == "<|bos|>" and info["model_max_length"] == CONTEXT
+    text = "Where is my parcel?"
+    assert post(url, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"] == TOK.encode(text)
+    assert post(url, "/tokenize", {"prompt": text}).json()["tokens"] == [TOK.bos_id, *TOK.encode(text)]
+    assert post(url, "/tokenize", {"prompt": "<|end|>", "add_special_tokens": False}).json()["tokens"] == [TOK.end_id]
+    assert post(url, "/detokenize", {"tokens": TOK.encode(text)}).json()["prompt"] == text
+    assert_openai_error(post(url, "/tokenize", {"prompt": 3}), 400, param="prompt")
+    assert_openai_error(post(url, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
+    assert post(url, "/tokenize", {"prompt": text}, key=None).status_code == 401  # guarded like /v1
+
+    ids = [TOK.encode("Hello there"), TOK.encode("Hi")]
+    r = post(url, "/v1/completions", {"model": "t-sft", "prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True,
+                                      "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    for choice, seq in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), ids):
+        lps = choice["logprobs"]["token_logprobs"]
+        assert len(lps) == len(seq) + 1 and lps[0] is None  # no BOS added to token ids; one generated token
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_model()(torch.tensor([seq]))[0][0], dim=-1)
+        assert lps[1:-1] == pytest.approx([float(lp[i - 1, seq[i]]) for i in range(1, len(seq))], abs=1e-4)
+        top = choice["logprobs"]["top_logprobs"]
+        assert all(len(t) == 1 and max(t.values()) >= v for t, v in zip(top[1:], lps[1:]))
+
+
 def test_frequency_and_presence_penalties_are_openais(client):
     # generated tokens only are counted, as in OpenAI's API and vLLM: the same tokens as generate()
     ids = [TOK.bos_id, *TOK.encode("Hi")]
