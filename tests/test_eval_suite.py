@@ -24,18 +24,27 @@ from chatforge.train.checkpoint import load_model, model_version, save_model
 TOK = ByteTokenizer()
 
 
+def random_gpt(seed: int):
+    """A tiny byte GPT with random weights everywhere (a fresh GPT's zero head makes every token tie)."""
+    model = tiny_byte_gpt(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model.eval()
+
+
 def hand_loglik(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
     """Sum of log p(continuation token | everything before it), from one plain forward pass."""
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], dim=-1)
     positions = range(len(ids) - n_cont, len(ids))
     total = sum(float(logp[i - 1, ids[i]]) for i in positions)
-    greedy = all(int(logp[i - 1].argmax()) == ids[i] for i in positions)
+    greedy = all(float(logp[i - 1, ids[i]]) >= float(logp[i - 1].max()) for i in positions)
     return total, greedy
 
 
 def test_task_scores_equal_a_hand_computation(tmp_path):
-    model = tiny_byte_gpt(3).eval()
+    model = random_gpt(3)
     rows = [{"context": "Where is my parcel?", "choices": ["Shipped.", "It is lost, sorry", "x"], "gold": 1},
             {"query": "Refunds take ", "choices": ["5 days", "ten business days"], "gold": 0, "id": "r2"}]
     path = tmp_path / "mc.jsonl"
@@ -58,7 +67,7 @@ def test_task_scores_equal_a_hand_computation(tmp_path):
 
 
 def test_batched_scoring_matches_one_at_a_time(tmp_path):
-    model = tiny_byte_gpt(1).eval()
+    model = random_gpt(1)
     reqs = [tasks.Request("a" * k, " b" * (k % 5 + 1)) for k in range(1, 30)]
     batched = tasks.score_requests(model, TOK, reqs, tokens_per_batch=200)  # several padded batches
     for r, s in zip(reqs, batched):
@@ -81,7 +90,7 @@ def test_acc_and_acc_norm_differ_on_a_length_biased_case(tmp_path, monkeypatch):
 
 
 def test_loglikelihood_task_metrics(tmp_path):
-    model = tiny_byte_gpt(2).eval()
+    model = random_gpt(2)
     rows = [{"context": "Standard shipping takes", "continuation": " 3 to 5 days."},
             {"context": "Hi", "continuation": " there"}]
     path = tmp_path / "ll.jsonl"

@@ -216,6 +216,42 @@ def test_tokenizer_endpoints_and_token_id_scoring_as_lm_eval_sends_them(url):
         assert all(len(t) == 1 and max(t.values()) >= v for t, v in zip(top[1:], lps[1:]))
 
 
+def test_a_reply_ended_by_a_stop_token_lists_it_in_echoed_logprobs(tmp_path):
+    """lm-eval reads token_logprobs[ctxlen:-1] of an echo + max_tokens 1 request: the last entry must be the
+    generated token even when it is the stop token, or the prompt's last token is dropped."""
+    from fastapi.testclient import TestClient
+
+    d = save_model(tmp_path / "m", tiny_model(), TOK)
+    app = create_app(ServeSettings(models=[(None, d)], device="cpu", dtype="fp32", rate_limit_per_minute=0,
+                                   allowed_hosts=("testserver",)))
+    with TestClient(app) as http:
+        model = app.state.cf.model(None).engine.model
+        plain = model.logits_from_hidden
+
+        def end_first(hidden: torch.Tensor) -> torch.Tensor:  # <|end|> is always the most likely token
+            logits = plain(hidden).clone()
+            logits[..., TOK.end_id] = logits.max() + 5.0
+            return logits
+
+        model.logits_from_hidden = end_first
+        ids = TOK.encode("Shipped today")
+        body = {"prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+        r = http.post("/v1/completions", json=body).json()
+        c = r["choices"][0]
+        lp = c["logprobs"]
+        assert c["finish_reason"] == "stop" and c["text"] == "Shipped today"
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["tokens"][-1] == "<|end|>"
+        assert lp["top_logprobs"][-1] == {"<|end|>": lp["token_logprobs"][-1]}
+        assert r["usage"]["completion_tokens"] == 0
+        chunks = [json.loads(line[6:]) for line in http.post("/v1/completions", json={**body, "stream": True})
+                  .text.splitlines() if line.startswith("data: {")]
+        streamed = [t for ch in chunks for t in ((ch["choices"][0]["logprobs"] or {}).get("tokens") or [])]
+        assert streamed == lp["tokens"]
+        # chat answers are unchanged: the stop token is not part of the content's logprobs
+        chat = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "logprobs": True}).json()
+        assert chat["choices"][0]["logprobs"]["content"] == [] and chat["choices"][0]["finish_reason"] == "stop"
+
+
 def test_frequency_and_presence_penalties_are_openais(client):
     # generated tokens only are counted, as in OpenAI's API and vLLM: the same tokens as generate()
     ids = [TOK.bos_id, *TOK.encode("Hi")]

@@ -188,7 +188,7 @@ def encode_pair(tok: Any, context: str, continuation: str, bos: bool = False) ->
 class Score:
     loglik: float  # sum of the continuation tokens' log-probabilities
     tokens: int
-    greedy: bool  # every continuation token is the argmax at its position
+    greedy: bool  # every continuation token has the largest logprob at its position (ties count)
 
 
 def score_requests(model: torch.nn.Module, tok: Any, requests: list[Request], device: Any = "cpu",
@@ -228,7 +228,9 @@ def score_requests(model: torch.nn.Module, tok: Any, requests: list[Request], de
                 targets = torch.tensor(ids[len(ids) - n_cont:], dtype=torch.long)
                 lp = logp[row, pos]
                 chosen = lp.gather(1, targets[:, None])[:, 0]
-                greedy = bool((lp.argmax(-1) == targets).all())
+                # "greedy" as lm-eval reads it from top_logprobs: the token's logprob is the largest there
+                # (so a tie for the top counts, where an argmax index might pick the other token)
+                greedy = bool((chosen >= lp.max(-1).values).all())
                 out[i] = Score(float(chosen.double().sum()), n_cont, greedy)
     model.train(was_training)
     return [s for s in out if s is not None]
