@@ -387,6 +387,21 @@ def _model_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+def cmd_eval_suite(args: argparse.Namespace) -> None:
+    from chatforge.eval.suite import format_result, run_suite
+
+    opts = {"tasks": args.tasks, "limit": args.limit, "n_prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+            "exclude": not args.keep_contaminated, "device": args.device, "dtype": args.dtype}
+    result = run_suite(_model_dir(args), out=args.out, **opts)
+    against = None
+    if args.against:
+        against = run_suite(_model_dir(argparse.Namespace(**{**vars(args), "model": args.against})), **opts)
+    if args.json:
+        sys.stdout.write(json.dumps({"result": result, "against": against}) + "\n")
+    else:
+        console.print(format_result(result, against), markup=False, soft_wrap=True)
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.chat.repl import Sampling, chat_loop
     from chatforge.device import resolve_device
@@ -774,6 +789,23 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--device", default="auto")
     prb.add_argument("--json", action="store_true")
     prb.set_defaults(func=cmd_eval_probe)
+
+    su = ev_sub.add_parser("suite", help="contamination, held-out metrics, checks, task files and a fixed prompt "
+                                         "set, stored per model version (runs/RUN/eval/suite/VERSION.json)")
+    _add_model_args(su, "sft")
+    su.add_argument("--against", metavar="MODEL", help="a second model (directory or stage): run it too, print deltas")
+    su.add_argument("--tasks", nargs="*", help="task files (.jsonl, see eval.tasks) or packaged names "
+                                               "(default: supportworld_mc; none: --tasks with no value)")
+    su.add_argument("--limit", type=int, default=32, help="held-out prompts checked (0 = skip the checks)")
+    su.add_argument("--prompts", type=int, default=8, help="size of the fixed prompt set")
+    su.add_argument("--max-new-tokens", type=int, default=128)
+    su.add_argument("--keep-contaminated", action="store_true", help="do not exclude held-out prompts found in "
+                                                                     "the training data")
+    su.add_argument("--out", help="result file (default: runs/RUN/eval/suite/VERSION.json)")
+    su.add_argument("--device", default="auto")
+    su.add_argument("--dtype", default="auto")
+    su.add_argument("--json", action="store_true", help="print the result as JSON")
+    su.set_defaults(func=cmd_eval_suite)
 
     pc = ev_sub.add_parser("prompt-classify", help="classify by asking the chat model (the prompt-only "
                                                      "alternative to a fine-tuned head)")

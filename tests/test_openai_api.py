@@ -188,6 +188,70 @@ def test_completions_logprobs_and_echo(client):
     assert "".join(ch.choices[0].text for ch in stream) == r.choices[1].text[2:]
 
 
+def test_tokenizer_endpoints_and_token_id_scoring_as_lm_eval_sends_them(url):
+    """What lm-eval's local-completions does: its RemoteTokenizer (/tokenizer_info, /tokenize with
+    add_special_tokens false), then token-id prompts with echo, logprobs 1 and max_tokens 1."""
+    info = httpx.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert info["eos_token"] == "<|end|>" and info["bos_token"] == "<|bos|>" and info["model_max_length"] == CONTEXT
+    text = "Where is my parcel?"
+    assert post(url, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"] == TOK.encode(text)
+    assert post(url, "/tokenize", {"prompt": text}).json()["tokens"] == [TOK.bos_id, *TOK.encode(text)]
+    assert post(url, "/tokenize", {"prompt": "<|end|>", "add_special_tokens": False}).json()["tokens"] == [TOK.end_id]
+    assert post(url, "/detokenize", {"tokens": TOK.encode(text)}).json()["prompt"] == text
+    assert_openai_error(post(url, "/tokenize", {"prompt": 3}), 400, param="prompt")
+    assert_openai_error(post(url, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
+    assert post(url, "/tokenize", {"prompt": text}, key=None).status_code == 401  # guarded like /v1
+
+    ids = [TOK.encode("Hello there"), TOK.encode("Hi")]
+    r = post(url, "/v1/completions", {"model": "t-sft", "prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True,
+                                      "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    for choice, seq in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), ids):
+        lps = choice["logprobs"]["token_logprobs"]
+        assert len(lps) == len(seq) + 1 and lps[0] is None  # no BOS added to token ids; one generated token
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_model()(torch.tensor([seq]))[0][0], dim=-1)
+        assert lps[1:-1] == pytest.approx([float(lp[i - 1, seq[i]]) for i in range(1, len(seq))], abs=1e-4)
+        top = choice["logprobs"]["top_logprobs"]
+        assert all(len(t) == 1 and max(t.values()) >= v for t, v in zip(top[1:], lps[1:]))
+
+
+def test_a_reply_ended_by_a_stop_token_lists_it_in_echoed_logprobs(tmp_path):
+    """lm-eval reads token_logprobs[ctxlen:-1] of an echo + max_tokens 1 request: the last entry must be the
+    generated token even when it is the stop token, or the prompt's last token is dropped."""
+    from fastapi.testclient import TestClient
+
+    d = save_model(tmp_path / "m", tiny_model(), TOK)
+    app = create_app(ServeSettings(models=[(None, d)], device="cpu", dtype="fp32", rate_limit_per_minute=0,
+                                   allowed_hosts=("testserver",)))
+    with TestClient(app) as http:
+        model = app.state.cf.model(None).engine.model
+        plain = model.logits_from_hidden
+
+        def end_first(hidden: torch.Tensor) -> torch.Tensor:  # <|end|> is always the most likely token
+            logits = plain(hidden).clone()
+            logits[..., TOK.end_id] = logits.max() + 5.0
+            return logits
+
+        model.logits_from_hidden = end_first
+        ids = TOK.encode("Shipped today")
+        body = {"prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+        r = http.post("/v1/completions", json=body).json()
+        c = r["choices"][0]
+        lp = c["logprobs"]
+        assert c["finish_reason"] == "stop" and c["text"] == "Shipped today"
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["tokens"][-1] == "<|end|>"
+        assert lp["top_logprobs"][-1] == {"<|end|>": lp["token_logprobs"][-1]}
+        assert r["usage"]["completion_tokens"] == 0
+        chunks = [json.loads(line[6:]) for line in http.post("/v1/completions", json={**body, "stream": True})
+                  .text.splitlines() if line.startswith("data: {")]
+        streamed = [t for ch in chunks for t in ((ch["choices"][0]["logprobs"] or {}).get("tokens") or [])]
+        assert streamed == lp["tokens"]
+        # chat answers are unchanged: the stop token is not part of the content's logprobs
+        chat = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "logprobs": True}).json()
+        assert chat["choices"][0]["logprobs"]["content"] == [] and chat["choices"][0]["finish_reason"] == "stop"
+
+
 def test_frequency_and_presence_penalties_are_openais(client):
     # generated tokens only are counted, as in OpenAI's API and vLLM: the same tokens as generate()
     ids = [TOK.bos_id, *TOK.encode("Hi")]

@@ -59,6 +59,7 @@ from chatforge.serve.engine import Engine
 from chatforge.serve.fields import FieldError
 from chatforge.serve.openai_api import api_error_handler, field_error, router
 from chatforge.serve.state import APIError, ServedModel, ServeSettings, ServeState, UnknownModel
+from chatforge.serve.tokenize_api import tokenizer_router
 
 __all__ = ["ServeSettings", "ServeState", "ServedModel", "UnknownModel", "create_app", "host_allowed",
            "load_models", "model_id_for", "model_version", "uvicorn_options"]
@@ -330,6 +331,7 @@ def create_app(settings: ServeSettings, state: ServeState | None = None) -> Fast
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(FieldError, field_error_handler)
     app.include_router(router)
+    app.include_router(tokenizer_router)  # /tokenize etc. at the root, as vLLM (lm-eval's remote tokenizer)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

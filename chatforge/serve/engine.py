@@ -383,6 +383,9 @@ class GenerationHandle:
         self.completion_tokens = 0
         self.text = ""
         self.token_ids: list[int] = []  # generated ids, stop token excluded
+        # the stop token that ended the reply, with its logprob event when logprobs were asked for (the
+        # legacy completions API lists it, as vLLM does: scorers slice the echoed logprobs by position)
+        self.stop_event: TokenEvent | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._cancel = threading.Event()
@@ -802,6 +805,9 @@ class Engine:
         """Deliver one sampled token; True when the request is finished."""
         h = req.handle
         if tok in req.stops:
+            if lp is not None:
+                h.stop_event = TokenEvent(tok, "", lp[0], [(self.tokenizer.id_to_token(i), v) for i, v in lp[1]],
+                                          [i for i, _ in lp[1]])
             self._finish(req, "stop")
             return True
         h.token_ids.append(tok)

@@ -25,6 +25,11 @@ after; and at most ``inflight_per_request`` of its prompts are in the engine at 
 (the rest wait here), so one request cannot take every slot and queue place.
 
 Extensions beyond OpenAI (as in vLLM): ``top_k`` and ``repetition_penalty``.
+
+Completions' logprobs list the stop token that ended a reply (as vLLM lists EOS; its text
+is not added): a scorer such as lm-eval's ``local-completions`` sends ``echo`` with
+``max_tokens: 1`` and drops the last entry as the generated token, so without it a
+reply that stops at once would cost the prompt its last token's logprob.
 """
 
 from __future__ import annotations
@@ -698,6 +703,11 @@ async def completions(request: Request) -> Any:
     def completion_tokens() -> int:
         return sum(h.completion_tokens for h in batch.live())
 
+    def stop_lps() -> list[tuple[int, dict[str, list[Any]]]]:
+        """The logprobs of the stop token that ended each reply (listed, as vLLM lists EOS)."""
+        return [(k, token_lp(k, h.stop_event)) for k, h in enumerate(batch.handles)
+                if h is not None and h.stop_event is not None]
+
     def failure() -> APIError | None:
         return batch.error or next((e for h in batch.live() if (e := _failure(h)) is not None), None)
 
@@ -724,6 +734,9 @@ async def completions(request: Request) -> Any:
                 if err is not None:
                     yield _sse(err.body())
                 else:
+                    if n_lp is not None:
+                        for k, lp in stop_lps():
+                            yield chunk(k, "", lp)
                     for k in range(len(prompts)):
                         yield chunk(k, "", None, finish_reason(k))
                     if include_usage:
@@ -748,6 +761,10 @@ async def completions(request: Request) -> Any:
     if (err := failure()) is not None:
         raise err
     request.state.tokens = n_prompt + completion_tokens()
+    if n_lp is not None:
+        for k, key_vals in stop_lps():
+            for key, vals in key_vals.items():
+                gen_lp[k][key].extend(vals)
     choices = []
     for k, (text, _, _) in enumerate(prompts):
         h = batch.handles[k]
