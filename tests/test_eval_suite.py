@@ -197,6 +197,10 @@ def test_run_suite_writes_the_result_with_the_version(run_with_world, tmp_path):
     path = suite_path(run, version)
     assert res["path"] == str(path) and json.loads(path.read_text()) == json.loads(json.dumps(res))
     assert res["model"]["version"] == version and res["model"]["stage"] == "pretrain"
+    from chatforge.registry import Registry  # the result is kept with the version in the registry too
+
+    (kept,) = Registry(run.parent).evals(version)
+    assert kept["kind"] == "suite" and kept["result"]["summary"] == res["summary"] and res["registry_eval"]
     sets = res["contamination"]["sets"]
     assert sets["prompts"]["exact"] >= 1 and sets["texts"]["n"] > 0 and "task:tiny_mc" in sets
     planted = str(next(r for _, r in read_jsonl(run / "supportworld" / "conversations" / "test.jsonl"))["id"])

@@ -141,3 +141,28 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     assert chat.returncode == 0 and "assistant>" in chat.stdout, chat.stderr
     missing = chatforge("chat", "--name", "nosuchrun", cwd=tmp_path, stdin="/quit\n")
     assert missing.returncode == 2 and "no sft model in run 'nosuchrun'" in missing.stderr
+
+    # every stage's model is registered, with its parent: pretrain -> sft -> dpo
+    listed = chatforge("models", "--name", "other", "list", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    by_stage = {v["stage"]: v for v in json.loads(listed.stdout)}
+    assert set(by_stage) == {"pretrain", "sft", "sentiment", "intent", "translate", "tagging", "reward", "dpo"}
+    assert by_stage["dpo"]["parent"]["version"] == by_stage["sft"]["version"] == dpo["parent"]["version"]
+    assert by_stage["sft"]["parent"]["version"] == by_stage["pretrain"]["version"]
+
+    # a round: simulated reviewers through the app, then a challenger from the newest aligned model
+    sim = subprocess.run([sys.executable, str(ROOT / "examples" / "simulate_reviewers.py"), "--name", "other",
+                          "--prompts", "6", "--samples", "3"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    assert '"simulated-round"' in sim.stdout and '"simulated-reviewer-1"' in sim.stdout
+    rnd = chatforge("round", *sets("round.eval_prompts=8", "round.dpo_steps=3"), cwd=tmp_path)
+    assert rnd.returncode == 0, rnd.stdout[-3000:] + rnd.stderr[-3000:]
+    decision = json.loads((run / "rounds" / "2" / "decision.json").read_text())
+    assert decision["champion"] == by_stage["dpo"]["version"] and decision["prompts"] == 8
+    assert decision["decision"] in ("promote", "keep") and len(decision["reasons"]) == 3
+    assert decision["feedback_sources"] == ["simulated-reviewer-1", "simulated-reviewer-2", "simulated-reviewer-3"]
+    assert (run / "rounds" / "2" / "report" / "report.html").is_file() and "Round 2" in rnd.stdout
+    history = json.loads(chatforge("models", "--name", "other", "history", "--json", cwd=tmp_path).stdout)
+    assert [e["alias"] for e in history if e["event"] == "alias"][:2] == ["champion", "challenger"]
+    assert any(e["event"] == "decision" and e["challenger"] == decision["challenger"] for e in history)

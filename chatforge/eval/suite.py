@@ -232,8 +232,22 @@ def run_suite(model_dir: str | Path, tasks: Sequence[str | Path] | None = None, 
     if write:
         path = Path(out) if out is not None else suite_path(run.root, version)  # type: ignore[union-attr]
         result["path"] = str(path)
+        if run is not None:
+            _keep_in_registry(run.root.parent, version, result)
         write_json(path, result)
     return result
+
+
+def _keep_in_registry(runs_dir: Path, version: str, result: dict[str, Any]) -> None:
+    """Store the result with the version in the registry (when the version is registered there)."""
+    from chatforge.registry import Registry, RegistryError
+
+    reg = Registry(runs_dir)
+    try:
+        reg.get(version)
+    except RegistryError:
+        return  # a model saved before the registry existed, or copied in by hand: the file is its record
+    result["registry_eval"] = str(reg.add_eval(version, "suite", result))
 
 
 def summarize(result: dict[str, Any]) -> dict[str, float]:
