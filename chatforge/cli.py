@@ -353,27 +353,15 @@ def _add_model_args(p: argparse.ArgumentParser, default_stage: str) -> None:
     p.set_defaults(default_stage=default_stage)
 
 
-def registry_model_dir(value: str, run: Any) -> Path | None:
-    """The files of ``NAME@ALIAS`` / ``@ALIAS`` / a registered version, or None when ``value`` is neither."""
-    from chatforge.registry import Registry
-    from chatforge.registry.core import VERSION_RE
-
-    if "@" not in value and (Path(value).exists() or not VERSION_RE.match(value)):
-        return None
-    reg = Registry(run.root.parent)
-    if "@" not in value and not any(v.version.startswith(value) for v in reg.list()):
-        return None
-    return reg.path_of(reg.resolve(value, run.name).version)
-
-
 def _model_dir(args: argparse.Namespace) -> Path:
     """The model directory MODEL names, looked up in the run of ``--name``/``--runs-dir``."""
     from chatforge.paths import RunPaths
+    from chatforge.registry import registered_model_dir
     from chatforge.stages import TRAINING_STAGES, get_stage
 
     run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
     value = args.model or args.default_stage
-    registered = registry_model_dir(value, run) if args.model else None
+    registered = registered_model_dir(value, run.root.parent, run.name) if args.model else None
     if registered is not None:
         return registered
     if args.model and (Path(value).is_dir() or value not in {d.name for d in TRAINING_STAGES}):

@@ -7,7 +7,9 @@ from chatforge.registry.core import (
     RegistryError,
     Version,
     parse_time,
+    registered_model_dir,
     stage_record,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "Registry", "RegistryError", "Version", "parse_time", "stage_record"]
+__all__ = ["CHALLENGER", "CHAMPION", "Registry", "RegistryError", "Version", "parse_time", "registered_model_dir",
+           "stage_record"]

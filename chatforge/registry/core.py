@@ -338,6 +338,17 @@ class Registry:
         return sha256_file(path / WEIGHTS) == v.record.get("weights_sha256")
 
 
+def registered_model_dir(ref: str, runs_dir: str | Path, name: str) -> Path | None:
+    """The files of ``NAME@ALIAS``, ``@ALIAS`` (in run ``name``) or a registered version (prefix); None when
+    ``ref`` is an existing path or looks like neither, so callers treat it as they did before the registry."""
+    if Path(ref).exists() or ("@" not in ref and not VERSION_RE.match(ref)):
+        return None
+    reg = Registry(runs_dir)
+    if "@" not in ref and not any(v.version.startswith(ref) for v in reg.list()):
+        return None
+    return reg.path_of(reg.resolve(ref, name).version)
+
+
 def check_alias(alias: str) -> None:
     if not ALIAS_RE.match(alias or ""):
         raise RegistryError(f"alias {alias!r}: letters, digits, '_', '.', '-', starting with a letter")

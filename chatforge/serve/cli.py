@@ -118,16 +118,9 @@ def run_of(args: argparse.Namespace) -> RunPaths:
 
 def registered_dir(path: Path, run: RunPaths) -> Path:
     """``NAME@ALIAS``, ``@ALIAS`` or a registered version -> its model directory; any other path as given."""
-    from chatforge.registry import Registry
-    from chatforge.registry.core import VERSION_RE
+    from chatforge.registry import registered_model_dir
 
-    text = str(path)
-    if path.exists() or ("@" not in text and not VERSION_RE.match(text)):
-        return path
-    reg = Registry(run.root.parent)
-    if "@" not in text and not any(v.version.startswith(text) for v in reg.list()):
-        return path
-    return reg.path_of(reg.resolve(text, run.name).version)
+    return registered_model_dir(str(path), run.root.parent, run.name) or path
 
 
 def default_model(run: RunPaths | Path) -> Path:
