@@ -172,3 +172,27 @@ def test_models_cli_and_references_in_serve_and_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["models", *flags, "delete", new, "--yes"]) == 2  # the stage's newest model is kept
     assert "newest model of its stage" in capsys.readouterr().err
+
+
+def test_the_reports_registry_section_shows_versions_aliases_and_each_rounds_decision(tmp_path):
+    from chatforge.report.cli import registry_section
+    from chatforge.report.sections import registry_tables
+
+    reg = Registry(tmp_path)
+    fake(reg, "eeee00000001")
+    fake(reg, "eeee00000002", stage="dpo", parent="eeee00000001")
+    reg.set_alias("r", CHAMPION, "eeee00000002")
+    reg.record_decision("r", {"round": 2, "decision": "keep", "champion": "eeee00000002",
+                              "challenger": "eeee00000001", "reasons": ["checks_mean: may be worse"],
+                              "guards": {"checks_mean": {"champion": 0.8, "challenger": 0.7, "diff": -0.1,
+                                                         "ci95": [-0.2, -0.05], "n": 40, "tolerance": 0.01,
+                                                         "ok": False}},
+                              "feedback_sources": ["simulated-reviewer-1"], "held_out": "test.jsonl"})
+    section = registry_section(tmp_path, "r")
+    versions, decision = registry_tables(section)
+    assert [row[:2] for row in versions["rows"]] == [["sft", "eeee00000001"], ["dpo", "eeee00000002"]]
+    assert versions["rows"][1][versions["columns"].index("aliases")] == "@champion"
+    assert versions["rows"][0][versions["columns"].index("decision")] == "round 2: keep"
+    assert decision["title"].startswith("round 2: keep") and decision["rows"][0][-1] == "may be worse"
+    assert "simulated-reviewer-1" in decision["note"]
+    assert registry_section(tmp_path, "nobody") is None

@@ -73,7 +73,18 @@ def registry_section(runs_dir: str | Path, name: str) -> dict[str, Any] | None:
                      "aliases": ["@" + a for a in reg.aliases_of(v.version)], "created_at": v.created_at,
                      "decision": f"round {d['round']}: {d['decision']}" if d else "",
                      "reason": "; ".join(d["reasons"]) if d else ""})
-    return {"versions": rows}
+    decisions = []
+    for d in reg.decisions(name):
+        rows_d = [[metric, g["champion"], g["challenger"], g["diff"], f"{g['ci95'][0]:+.3f}..{g['ci95'][1]:+.3f}",
+                   g["n"], g["tolerance"], "not worse" if g["ok"] else "may be worse"]
+                  for metric, g in (d.get("guards") or {}).items()]
+        decisions.append({"title": f"round {d.get('round')}: {d.get('decision')} (challenger {d.get('challenger')} vs "
+                                   f"champion {d.get('champion')})",
+                          "columns": ["guarded metric", "champion", "challenger", "change", "95% CI of the change",
+                                      "prompts", "tolerance", "verdict"], "rows": rows_d,
+                          "note": f"paired by held-out prompt ({d.get('held_out')}); feedback from "
+                                  f"{', '.join(d.get('feedback_sources') or []) or 'nobody'}"})
+    return {"versions": rows, "decisions": decisions}
 
 
 def write_run_report(run_dir: str | Path, db_url: str | None = None) -> tuple[Path, Path] | None:

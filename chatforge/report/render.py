@@ -19,7 +19,7 @@ from chatforge import __version__
 from chatforge.io import atomic_write
 from chatforge.report.gather import MetricRow, ReportData, StageReport, compare_rows
 from chatforge.report.plots import has_curves, stage_curves
-from chatforge.report.sections import generic_tables, registry_table
+from chatforge.report.sections import generic_tables, registry_tables
 
 DIFFERENT_STAGES = ("two different stages: a metric of the same name may be measured on different data (val_loss "
                     "of DPO is its loss on preference pairs); the test_* answer metrics are comparable when both "
@@ -236,7 +236,7 @@ def render_html(data: ReportData, plots: dict[str, bytes]) -> str:
         parts += [_generic_html(t) for t in generic_tables(data.human)]
     if data.registry:
         parts.append("<h2>Model registry</h2>")
-        parts.append(_generic_html(registry_table(data.registry)))
+        parts += [_generic_html(t) for t in registry_tables(data.registry)]
     if data.safety:
         parts.append("<h2>Safety</h2>")
         for s in data.safety:
@@ -319,7 +319,7 @@ def render_markdown(data: ReportData, plot_files: dict[str, str]) -> str:
     if data.human:
         tables.append(("Human evaluation", generic_tables(data.human)))
     if data.registry:
-        tables.append(("Model registry", [registry_table(data.registry)]))
+        tables.append(("Model registry", registry_tables(data.registry)))
     if data.safety:
         tables.append(("Safety", [{"title": s["title"], "columns": ["metric", "value"],
                                    "rows": [[k, v] for k, v in s["metrics"].items()]} for s in data.safety]))

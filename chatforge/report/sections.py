@@ -17,7 +17,8 @@ All plain JSON-able dicts, so other modules can hand them in:
     {"versions": [{"stage": str, "version": str, "aliases": [str, ...], "decision": str,
                    "reason": str, "created_at": str, ...}]}
 
-  every key but ``stage`` and ``version`` is optional; other scalar keys become columns.
+  every key but ``stage`` and ``version`` is optional; other scalar keys become columns. An optional
+  ``"decisions": [{"title", "columns", "rows", "note"?}]`` adds one table per promotion decision.
 
 ``safety`` -- read from ``runs/<run>/safety/*.json`` (one file per evaluation) and from any
 ``eval.json`` metric named ``safety/...`` or ``safety_...``::
@@ -112,3 +113,13 @@ def registry_table(registry: dict[str, Any]) -> dict[str, Any]:
     cols = [c for c in fixed if any(c in v for v in versions)] + list(dict.fromkeys(extra))
     rows = [[", ".join(map(str, v[c])) if isinstance(v.get(c), list) else v.get(c) for c in cols] for v in versions]
     return {"title": "versions", "columns": cols, "rows": rows, "note": ""}
+
+
+def registry_tables(registry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The versions table, then any further tables the registry section carries (``decisions``: each
+    round's comparison of champion and challenger, as ``{"title", "columns", "rows", "note"?}``)."""
+    extra = registry.get("decisions", [])
+    if not isinstance(extra, list) or not all(isinstance(t, dict) and {"title", "columns", "rows"} <= set(t)
+                                              for t in extra):
+        raise ReportError("registry: 'decisions' must be a list of tables {title, columns, rows}")
+    return [registry_table(registry), *extra]
