@@ -369,19 +369,14 @@ def _version_in(directory: Path) -> str | None:
 
 
 def code_version() -> dict[str, str]:
-    """The chatforge, torch and Python versions, and the git commit when chatforge runs from a checkout."""
-    import platform
+    """``chatforge.run.versions()`` (chatforge, torch, Python) and the git commit when chatforge runs from a
+    checkout."""
     import subprocess
 
     import chatforge
+    from chatforge.run import versions
 
-    out = {"chatforge": chatforge.__version__, "python": platform.python_version()}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__
-    except ImportError:
-        pass
+    out = versions()
     source = Path(chatforge.__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,

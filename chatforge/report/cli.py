@@ -34,14 +34,10 @@ def human_from_store(db_url: str) -> dict[str, Any] | None:
     store = Store(db_url)
     try:
         out: dict[str, Any] = {"tables": [], "comparisons": []}
-        try:
-            from chatforge.eval.human import human_eval_stats  # built alongside; absent in older trees
-        except ImportError:
-            human_eval_stats = None
-        if human_eval_stats is not None:
-            from chatforge.report.sections import generic_tables
+        from chatforge.eval.human import human_eval_stats
+        from chatforge.report.sections import generic_tables
 
-            out["tables"] = generic_tables(human_eval_stats(store))
+        out["tables"] = generic_tables(human_eval_stats(store))
         for ds in service.list_datasets(store):
             if ds["kind"] != "prompts" or not ds["name"].startswith("blind "):  # queue_comparison's names
                 continue
