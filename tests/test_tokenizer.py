@@ -111,6 +111,34 @@ def test_split_keeps_digits_in_groups_of_three(toks):
     assert bpe.to_tiktoken().encode_ordinary("20242024") == bpe.encode_hf("20242024")
 
 
+@pytest.mark.parametrize("max_digits", [1, 2])
+def test_max_digits_narrows_the_digit_runs(max_digits, tmp_path):
+    # nanochat splits digits in runs of two, LLaMA in ones: no token crosses such a boundary,
+    # tiktoken agrees, and the pattern survives a save and load.
+    bpe = train_tokenizer(CORPUS, TokenizerConfig(kind="bpe", vocab_size=500, max_digits=max_digits))
+    ends, pos = set(), 0
+    for i in bpe.encode("20242024"):
+        pos += len(bpe.token_bytes(i))
+        ends.add(pos)
+    assert set(range(max_digits, 8, max_digits)) <= ends
+    assert bpe.to_tiktoken().encode_ordinary("SW-5955139 $171.99") == bpe.encode_hf("SW-5955139 $171.99")
+    bpe.save(tmp_path)
+    back = load_tokenizer(tmp_path)
+    assert back.pattern == bpe.pattern != BPETokenizer(train_tokenizer(CORPUS[:50], TokenizerConfig(
+        vocab_size=300)).hf_tokenizer).pattern
+    assert back.encode("5955139") == bpe.encode("5955139")
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "pattern": meta["pattern"].replace(
+        f"{{1,{max_digits}}}", "{1,3}")}))
+    with pytest.raises(DataError, match="pattern"):
+        load_tokenizer(tmp_path)
+
+
+def test_max_digits_must_be_one_two_or_three():
+    with pytest.raises(ConfigError, match="tokenizer.max_digits"):
+        train_tokenizer(CORPUS[:10], TokenizerConfig(kind="bpe", vocab_size=300, max_digits=4))
+
+
 # --------------------------------------------------------------------------- special tokens
 
 

@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     if cfg.kind == "byte":
         return ByteTokenizer()
     if cfg.kind == "bpe":
-        return train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.max_train_mb)
+        return train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.max_train_mb, cfg.max_digits)
     if cfg.kind == "char":
         counter = _Counted(texts)
         tok = train_char(counter, cfg.vocab_size)

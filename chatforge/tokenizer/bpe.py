@@ -1,7 +1,12 @@
 """Byte-level BPE, trained and run by Hugging Face ``tokenizers`` (Rust).
 
 Text is first split into pieces by the GPT-4 (cl100k) regex: words with their
-leading space, runs of at most three digits, punctuation, whitespace. Each piece
+leading space, runs of at most three digits, punctuation, whitespace. ``max_digits``
+narrows the digit runs to two (nanochat's choice) or one (LLaMA's): with a small
+vocabulary BPE learns only some 3-digit tokens, so "5955139" became ``5|95|5|13|9``
+and a quarter of SupportWorld's order numbers repeat a token, which is what makes
+in-context copying slip (an induction head matches on the previous token); two-digit
+runs are all learned and the same numbers read ``59|55|13|9``. Each piece
 is then turned into bytes (the ByteLevel step maps every byte to a printable
 character, the GPT-2 trick) and BPE merges are applied inside the piece only.
 Because the 256 byte values are all in the vocabulary, any string encodes, and
@@ -52,6 +57,15 @@ PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
     r"""|\s++\z|\s*[\r\n]|\s+(?!\S)|\s"""
 )
+MAX_DIGITS = (1, 2, 3)  # the digit-run lengths ``pattern`` offers; 3 is cl100k's
+
+
+def pattern(max_digits: int = 3) -> str:
+    """The split pattern with digit runs of at most ``max_digits`` (3 gives ``PATTERN``)."""
+    if max_digits not in MAX_DIGITS:
+        raise ConfigError(f"tokenizer.max_digits: {max_digits!r} is not allowed; allowed: "
+                          f"{', '.join(map(str, MAX_DIGITS))}")
+    return PATTERN.replace(r"\p{N}{1,3}", rf"\p{{N}}{{1,{max_digits}}}")
 
 TRAIN_BATCH_DOCS = 1000  # texts handed to the Rust trainer per Python call
 
@@ -75,33 +89,38 @@ def _bytes_to_unicode() -> dict[int, str]:
 _CHAR_TO_BYTE = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(pat: str = PATTERN) -> pre_tokenizers.PreTokenizer:
     # use_regex=False: the Split step above already did the splitting; ByteLevel only maps bytes.
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pat), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
 
-def _empty_hf_tokenizer() -> HFTokenizer:
+def _empty_hf_tokenizer(pat: str = PATTERN) -> HFTokenizer:
     # ignore_merges: a piece that is itself in the vocabulary becomes that one token,
     # without replaying merges. tiktoken does the same, so the two agree on every piece.
     hf = HFTokenizer(models.BPE(ignore_merges=True))
-    hf.pre_tokenizer = _pre_tokenizer()
+    hf.pre_tokenizer = _pre_tokenizer(pat)
     hf.decoder = decoders.ByteLevel()
     return hf
 
 
-def _check_pipeline(hf: HFTokenizer) -> None:
+def _check_pipeline(hf: HFTokenizer) -> str:
     """Refuse an HF tokenizer whose pipeline is not the one this class assumes:
-    ``to_tiktoken`` and the byte table would silently disagree with ``encode``."""
+    ``to_tiktoken`` and the byte table would silently disagree with ``encode``.
+    Returns its split pattern (one of ``pattern(n)``)."""
     spec = json.loads(hf.to_str())
-    expected_pre = json.loads(_empty_hf_tokenizer().to_str())["pre_tokenizer"]
+    known = {}
+    for n in MAX_DIGITS:
+        pat = pattern(n)
+        known[pat] = json.loads(_empty_hf_tokenizer(pat).to_str())["pre_tokenizer"]
+    found = next((pat for pat, pre in known.items() if spec.get("pre_tokenizer") == pre), None)
     model = spec.get("model") or {}
     problems = []
     if spec.get("normalizer") is not None:
         problems.append("it has a normalizer")
-    if spec.get("pre_tokenizer") != expected_pre:
+    if found is None:
         problems.append("its pre_tokenizer is not the cl100k Split + ByteLevel sequence")
     if model.get("type") != "BPE":
         problems.append(f"its model is {model.get('type')!r}, not BPE")
@@ -112,6 +131,8 @@ def _check_pipeline(hf: HFTokenizer) -> None:
                 problems.append(f"model.{key} is {model.get(key)!r}, expected {want!r}")
     if problems:
         raise ChatforgeError("not a chatforge byte-level BPE tokenizer: " + "; ".join(problems))
+    assert found is not None
+    return found
 
 
 def _check_unicode(text: str) -> None:
@@ -131,7 +152,7 @@ class BPETokenizer(Tokenizer):
                  train_info: dict[str, Any] | None = None):
         """Wrap a trained HF tokenizer. Special tokens are appended to it if it has none;
         otherwise they must already sit right after the ordinary vocabulary, in order."""
-        _check_pipeline(hf_tokenizer)
+        self.pattern = _check_pipeline(hf_tokenizer)
         vocab = hf_tokenizer.get_vocab(with_added_tokens=False)
         n_base = len(vocab)
         base: list[bytes | None] = [None] * n_base
@@ -223,7 +244,7 @@ class BPETokenizer(Tokenizer):
         ranks = {self._token_bytes[i]: i for i in range(self._n_base)}
         return tiktoken.Encoding(
             name=f"chatforge_bpe_{self.vocab_size}",
-            pat_str=PATTERN,
+            pat_str=self.pattern,
             mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
             explicit_n_vocab=self.vocab_size,
@@ -239,7 +260,7 @@ class BPETokenizer(Tokenizer):
         (directory / META_FILE).unlink(missing_ok=True)
         with atomic_write(directory / HF_FILE) as f:
             f.write(self.hf_tokenizer.to_str(pretty=True))
-        self._write_meta(directory, pattern=PATTERN, train=self.train_info)
+        self._write_meta(directory, pattern=self.pattern, train=self.train_info)
 
     @classmethod
     def load(cls, directory: Path) -> BPETokenizer:
@@ -252,13 +273,13 @@ class BPETokenizer(Tokenizer):
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise DataError(f"{path}: corrupt tokenizer file: {e}") from e
-        if meta.get("pattern", PATTERN) != PATTERN:
-            raise DataError(f"{directory / META_FILE}: \"pattern\" differs from this chatforge's split pattern; "
-                            "the tokenizer was made by an incompatible version")
         try:
             tok = cls(hf, tuple(meta["special_tokens"]), train_info=meta.get("train"))
         except ChatforgeError as e:
             raise DataError(f"{path}: {e}") from e
+        if meta.get("pattern", PATTERN) != tok.pattern:
+            raise DataError(f"{directory / META_FILE}: \"pattern\" differs from the split pattern of {path}; "
+                            "the two files do not belong together (or an incompatible version made them)")
         check_special_ids(tok, meta, path)
         return tok
 
@@ -310,11 +331,12 @@ class _TrainFeed:
             yield batch
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_train_mb: float = 0.0
-              ) -> BPETokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_train_mb: float = 0.0,
+              max_digits: int = 3) -> BPETokenizer:
     """Learn merges on ``texts`` until the vocabulary (256 bytes + merges + special tokens)
     reaches ``vocab_size``; a small corpus can run out of pairs first, giving fewer ids.
-    Only the first ``max_train_mb`` megabytes (10^6 bytes) of text are used when it is > 0."""
+    Only the first ``max_train_mb`` megabytes (10^6 bytes) of text are used when it is > 0.
+    Digits are split into runs of at most ``max_digits`` before merging."""
     n_base = vocab_size - len(SPECIAL_TOKENS)
     if n_base < 256:
         raise ConfigError(f"tokenizer.vocab_size: {vocab_size} is too small for bpe; it needs at least "
@@ -323,7 +345,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max
         raise ConfigError(f"tokenizer.min_frequency: {min_frequency} must be >= 1")
     if max_train_mb < 0:
         raise ConfigError(f"tokenizer.max_train_mb: {max_train_mb} must be >= 0 (0 = no cap)")
-    hf = _empty_hf_tokenizer()
+    hf = _empty_hf_tokenizer(pattern(max_digits))
     trainer = trainers.BpeTrainer(
         vocab_size=n_base,
         min_frequency=min_frequency,
@@ -336,5 +358,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max
     if feed.bytes == 0:
         raise DataError("no text to train the tokenizer on")
     info = {"docs": feed.docs, "bytes": feed.bytes, "capped": feed.capped,
-            "min_frequency": min_frequency, "max_train_mb": max_train_mb}
+            "min_frequency": min_frequency, "max_train_mb": max_train_mb, "max_digits": max_digits}
     return BPETokenizer(hf, SPECIAL_TOKENS, train_info=info)
