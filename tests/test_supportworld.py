@@ -372,7 +372,8 @@ def default_world():
     cfg = load_config(None)
     sw = cfg.supportworld
     world = w.make_world(sw.seed, sw.n_products, sw.n_customers, sw.val_fraction, sw.test_fraction)
-    return cfg, world, list(generate_conversations(world, sw.seed, sw.n_conversations, sw.n_candidates))
+    return cfg, world, list(generate_conversations(world, sw.seed, sw.n_conversations, sw.n_candidates,
+                                                   sw.derived_dates))
 
 
 def test_default_conversations_fit_the_tiny_preset_context(default_world):
@@ -433,6 +434,35 @@ def test_system_message_shows_every_fact_of_the_record(default_world):
             shown.append(fmt_money(r["cart_subtotal"]))
         missing = [s for s in shown if s not in system]
         assert not missing, f"{conv.id}: {missing} not in the system message:\n{system}"
+
+
+def test_derived_dates_state_the_decision_the_answer_makes():
+    """With ``derived_dates`` the order line says whether the return window and the warranty are open,
+    and the answer's branch (return accepted or refused, covered or not) is the one the record states."""
+    world = w.make_world(3, 60, 80, 0.1, 0.1)
+    pairs = list(generate_conversations(world, 3, 400, 2, derived_dates=True))
+    plain = {c.id: c.messages[0]["content"] for c, _ in generate_conversations(world, 3, 400, 2)}
+    seen = collections.Counter()
+    for conv, _ in pairs:
+        r = conv.record
+        if r.get("status") != "delivered":
+            continue
+        line = next(x for x in conv.messages[0]["content"].split("\n") if x.startswith(f"Order {r['order_id']}:"))
+        main = conv.messages[conv.prompt_len]["content"]
+        closed = "return window closed" in line
+        assert closed != ("returns until" in line), line
+        ended = "warranty ended" in line
+        assert ended != ("warranty until" in line), line
+        if conv.intent == "return_item":
+            assert ("can't accept a return" in main) == closed, (line, main)
+            seen["return", closed] += 1
+        if conv.intent == "warranty_claim":
+            assert ("no longer covered" in main) == ended, (line, main)
+            seen["warranty", ended] += 1
+    assert len(seen) == 4, seen  # both branches of both decisions occur
+    for system in plain.values():  # off by default: the record states the dates only
+        assert not any(k in system for k in ("returns until", "return window closed", "warranty until",
+                                             "warranty ended", "on the card by", "overdue since"))
 
 
 def test_record_notes_copy_their_facts_from_the_record_and_only_for_training_customers():

@@ -113,9 +113,10 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
     docs = corpus_docs(world, cfg.seed, cfg.corpus_mb * (1 - share))
     extra: list[dict[str, str]] = []
     if cfg.record_notes > 0:
-        extra += record_notes(world, cfg.seed, int(cfg.corpus_mb * cfg.record_notes * 1_000_000))
+        extra += record_notes(world, cfg.seed, int(cfg.corpus_mb * cfg.record_notes * 1_000_000), cfg.derived_dates)
     if cfg.transcripts > 0:
-        extra += support_transcripts(world, cfg.seed, int(cfg.corpus_mb * cfg.transcripts * 1_000_000))
+        extra += support_transcripts(world, cfg.seed, int(cfg.corpus_mb * cfg.transcripts * 1_000_000),
+                                     cfg.derived_dates)
     if extra:
         rng_for(cfg.seed, "corpus-mix").shuffle(extra)
         docs = interleave(docs, extra)
@@ -138,7 +139,8 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
     intents: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     cands: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     prefs: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for conv, cand_row in generate_conversations(world, cfg.seed, cfg.n_conversations, cfg.n_candidates):
+    for conv, cand_row in generate_conversations(world, cfg.seed, cfg.n_conversations, cfg.n_candidates,
+                                                    cfg.derived_dates):
         convs[conv.split].append({"id": conv.id, "messages": conv.messages, "intent": conv.intent,
                                   "record": conv.record})
         intents[conv.split].append({"id": conv.id.replace("conv-", "intent-"), "text": conv.messages[1]["content"],

@@ -24,8 +24,9 @@ from typing import Any
 from chatforge.data.supportworld import world as w
 from chatforge.data.supportworld.articles import POLICY_VALUES
 from chatforge.data.supportworld.orders import Order, payment_phrase
-from chatforge.data.supportworld.text import (
+from chatforge.data.supportworld.text import (  # noqa: F401  (add_months: answers.add_months is public)
     add_business_days,
+    add_months,
     fmt_date,
     fmt_money,
     join_words,
@@ -81,11 +82,6 @@ class Ctx:
 
     def replace(self, **changes: Any) -> Ctx:
         return dataclasses.replace(self, **changes)
-
-
-def add_months(day: dt.date, months: int) -> dt.date:
-    y, m = divmod(day.month - 1 + months, 12)
-    return dt.date(day.year + y, m + 1, min(day.day, 28))
 
 
 def return_deadline(o: Order) -> dt.date:

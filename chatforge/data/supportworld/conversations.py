@@ -413,11 +413,11 @@ def conversation_chars(messages: list[dict[str, str]]) -> int:
 
 
 def make_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, split: str,
-                      products: list[w.Product], used_ids: set[str]) -> Conversation:
+                      products: list[w.Product], used_ids: set[str], derived_dates: bool = False) -> Conversation:
     """One grounded conversation for customer ``c`` (products come from all splits: people buy anything),
     at most ``MAX_CONVERSATION_CHARS`` characters long."""
     for _ in range(MAX_DRAWS):
-        conv = _draw_conversation(rng, idx, intent, c, split, products, used_ids)
+        conv = _draw_conversation(rng, idx, intent, c, split, products, used_ids, derived_dates)
         if conv is not None:
             return conv
     raise AssertionError(f"no {intent} conversation for {c.id} within {MAX_CONVERSATION_CHARS} characters "
@@ -425,7 +425,8 @@ def make_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, 
 
 
 def _draw_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer, split: str,
-                       products: list[w.Product], used_ids: set[str]) -> Conversation | None:
+                       products: list[w.Product], used_ids: set[str], derived_dates: bool = False
+                       ) -> Conversation | None:
     """One conversation trimmed to the budget, or None when even the trimmed one is over it."""
     sit = make_situation(rng, intent, c, products, used_ids)
     ctx, record, values, variant = sit.ctx, sit.record, sit.values, sit.variant
@@ -464,7 +465,7 @@ def _draw_conversation(rng: random.Random, idx: int, intent: str, c: w.Customer,
 
     def build(others: list[Order], with_follow: bool) -> tuple[list[dict[str, str]], int]:
         wr = random.Random(wording)
-        system = render_record(wr, c, today, ctx.order, others, sit.extra_lines)
+        system = render_record(wr, c, today, ctx.order, others, sit.extra_lines, derived_dates)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
         if clarify:
             listed = sorted([ctx.order, *others], key=lambda o: o.placed, reverse=True)
@@ -662,9 +663,10 @@ def preference_rows(cand_row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------- the data sets
 
 
-def generate_conversations(world: w.World, seed: int, n: int, n_candidates: int) -> Iterator[
-        tuple[Conversation, dict[str, Any]]]:
-    """``n`` conversations with their candidate rows; customers (and so splits) drawn at random."""
+def generate_conversations(world: w.World, seed: int, n: int, n_candidates: int, derived_dates: bool = False
+                           ) -> Iterator[tuple[Conversation, dict[str, Any]]]:
+    """``n`` conversations with their candidate rows; customers (and so splits) drawn at random.
+    ``derived_dates``: the records state their deadlines (``orders.render_record``)."""
     rng = rng_for(seed, "conversations")
     cand_rng = rng_for(seed, "candidates")
     by_split = {s: world.customers_in(s) for s in w.SPLITS}
@@ -673,6 +675,6 @@ def generate_conversations(world: w.World, seed: int, n: int, n_candidates: int)
         intent = INTENTS[i % len(INTENTS)] if i < len(INTENTS) else pick(rng, INTENTS)
         c = pick(rng, world.customers)
         split = world.customer_split[c.id]
-        conv = make_conversation(rng, i, intent, c, split, world.products, used_ids)
+        conv = make_conversation(rng, i, intent, c, split, world.products, used_ids, derived_dates)
         pool = by_split[split] if len(by_split[split]) > 1 else world.customers
         yield conv, candidates_row(cand_rng, conv, n_candidates, pool, world.products)

@@ -44,12 +44,13 @@ def _order_fact(rng: random.Random, o: Order) -> str:
     return pick(rng, facts)
 
 
-def record_note(rng: random.Random, c: w.Customer, products: list[w.Product], used_ids: set[str]) -> str:
+def record_note(rng: random.Random, c: w.Customer, products: list[w.Product], used_ids: set[str],
+                derived_dates: bool = False) -> str:
     """One record and the notes that copy from it."""
     today = dt.date(2024, 1, 15) + dt.timedelta(days=rng.randrange(530))
     orders = [make_order(rng, new_order_id(rng, used_ids), make_items(rng, products), c.tier, today,
                          pick(rng, w.STATUSES)) for _ in range(rng.randint(1, 3))]
-    record = render_record(rng, c, today, orders[0], orders[1:])
+    record = render_record(rng, c, today, orders[0], orders[1:], derived_dates=derived_dates)
     asked = pick(rng, orders)
     lines = [f"{pick(rng, HEADINGS)}:",
              f"- Spoke with {c.first} {c.last} about order {asked.id}, which is {asked.status}.",
@@ -61,7 +62,7 @@ def record_note(rng: random.Random, c: w.Customer, products: list[w.Product], us
     return record + "\n\n" + "\n".join(lines)
 
 
-def record_notes(world: w.World, seed: int, target_bytes: int) -> list[dict[str, str]]:
+def record_notes(world: w.World, seed: int, target_bytes: int, derived_dates: bool = False) -> list[dict[str, str]]:
     """Notes about training-split customers until their text adds up to ``target_bytes``."""
     from chatforge.data.supportworld.text import rng_for
 
@@ -70,7 +71,7 @@ def record_notes(world: w.World, seed: int, target_bytes: int) -> list[dict[str,
     used: set[str] = set()
     docs, total = [], 0
     while total < target_bytes:
-        text = record_note(rng, pick(rng, customers), world.products, used)
+        text = record_note(rng, pick(rng, customers), world.products, used, derived_dates)
         docs.append({"id": f"note-{len(docs):06d}", "text": text, "source": "supportworld/notes"})
         total += len(text.encode("utf-8"))
     return docs
@@ -86,7 +87,8 @@ def transcript_text(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(parts)
 
 
-def support_transcripts(world: w.World, seed: int, target_bytes: int) -> list[dict[str, str]]:
+def support_transcripts(world: w.World, seed: int, target_bytes: int, derived_dates: bool = False
+                        ) -> list[dict[str, str]]:
     """Fresh support conversations of training-split customers (their own random stream, so none is
     an SFT row), as plain text, until they add up to ``target_bytes``. The agent's turns quote the
     record above them (name, order number, status), which is the reading the chat model must do;
@@ -102,7 +104,7 @@ def support_transcripts(world: w.World, seed: int, target_bytes: int) -> list[di
     docs, total = [], 0
     while total < target_bytes:
         conv = make_conversation(rng, len(docs), pick(rng, INTENTS), pick(rng, customers), "train",
-                                 world.products, used)
+                                 world.products, used, derived_dates)
         text = transcript_text(conv.messages)
         docs.append({"id": f"transcript-{len(docs):06d}", "text": text, "source": "supportworld/transcripts"})
         total += len(text.encode("utf-8"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatforge.data.supportworld import world as w
-from chatforge.data.supportworld.text import add_business_days, fmt_date, fmt_money, pick, weekday
+from chatforge.data.supportworld.text import add_business_days, add_months, fmt_date, fmt_money, pick, weekday
 
 CARD_BRANDS = ("Visa", "Mastercard", "American Express", "Discover")
 
@@ -222,8 +222,14 @@ def _item_text(i: Item) -> str:
     return f"{i.product.name}{size} in {i.color} {price}"
 
 
-def _order_line(o: Order) -> str:
-    """One order on one line, ``key value`` fields joined by ``; `` (a field only when the order has it)."""
+def _order_line(o: Order, today: dt.date | None = None) -> str:
+    """One order on one line, ``key value`` fields joined by ``; `` (a field only when the order has it).
+
+    With ``today``, the line also states the deadlines the policy derives from its dates, as a shop's
+    back office shows them: whether the return window and the warranty are still open (and until when)
+    and when a card refund shows on the statement. Answering "can I still return it?" from the delivery
+    date alone means adding 30 days and comparing with today's date, arithmetic a tiny model does not
+    learn from a few thousand examples; stated, the decision is one word to read off the record."""
     ship = f" incl. {o.method} shipping {fmt_money(o.shipping)}" if o.shipping else ""
     note = f" ({o.payment_note})" if o.payment_note else ""
     fields = [f"Order {o.id}: {o.status}", f"placed {fmt_date(o.placed)}",
@@ -237,12 +243,23 @@ def _order_line(o: Order) -> str:
         fields.append(f"new estimate {fmt_date(o.new_estimate)}")
     if o.delivered:
         fields.append(f"delivered {fmt_date(o.delivered)}")
+        if today is not None:
+            last_return = o.delivered + dt.timedelta(days=w.RETURN_DAYS)
+            warranty_end = add_months(o.delivered, o.first.product.warranty_months)
+            fields.append(f"returns until {fmt_date(last_return)}" if today <= last_return
+                          else f"return window closed {fmt_date(last_return)}")
+            fields.append(f"warranty until {fmt_date(warranty_end)}" if today <= warranty_end
+                          else f"warranty ended {fmt_date(warranty_end)}")
     if o.cancelled:
         fields.append(f"cancelled {fmt_date(o.cancelled)}")
     if o.return_started:
         fields.append(f"return started {fmt_date(o.return_started)}")
     if o.refund_amount is not None:
         when = f"issued {fmt_date(o.refund_date)}" if o.refund_date else "due when the return arrives"
+        if today is not None and o.refund_date and o.payment not in ("PayPal", "gift card"):
+            shows_by = add_business_days(o.refund_date, 10)  # card refunds: up to 10 business days
+            when += f", on the card by {fmt_date(shows_by)}" if today <= shows_by else \
+                f", overdue since {fmt_date(shows_by)}"
         fields.append(f"refund {fmt_money(o.refund_amount)} {when}")
     return "; ".join(fields)
 
@@ -257,9 +274,10 @@ SYSTEM_HEADERS = (
 
 
 def render_record(rng: random.Random, c: w.Customer, today: dt.date, order: Order | None,
-                  others: Sequence[Order] = (), extra: Sequence[str] = ()) -> str:
+                  others: Sequence[Order] = (), extra: Sequence[str] = (), derived_dates: bool = False) -> str:
     """The system message: instructions, today's date, the customer and (when any) their orders,
-    newest first, one line each of ``key value`` fields: the row's record in few tokens."""
+    newest first, one line each of ``key value`` fields: the row's record in few tokens.
+    ``derived_dates``: each order also states its open or closed deadlines (``_order_line``)."""
     head = pick(rng, SYSTEM_HEADERS).format(shop=w.SHOP)
     verified = "verified" if c.email_verified else "not verified"
     lines = [head, f"Today {weekday(today)}, {fmt_date(today)}",
@@ -267,6 +285,6 @@ def render_record(rng: random.Random, c: w.Customer, today: dt.date, order: Orde
              f"two-step verification {'on' if c.two_factor else 'off'}"]
     orders = [o for o in (order, *others) if o is not None]
     orders.sort(key=lambda o: o.placed, reverse=True)
-    lines += [_order_line(o) for o in orders]
+    lines += [_order_line(o, today if derived_dates else None) for o in orders]
     lines += extra
     return "\n".join(lines)

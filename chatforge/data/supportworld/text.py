@@ -104,6 +104,12 @@ def weekday(day: dt.date) -> str:
     return WEEKDAYS[day.weekday()]
 
 
+def add_months(day: dt.date, months: int) -> dt.date:
+    """``months`` calendar months after ``day`` (on the 28th at most, so every month has the day)."""
+    y, m = divmod(day.month - 1 + months, 12)
+    return dt.date(day.year + y, m + 1, min(day.day, 28))
+
+
 def add_business_days(day: dt.date, n: int) -> dt.date:
     """``day`` plus ``n`` working days (Monday to Friday); carriers do not count weekends."""
     step = 1 if n >= 0 else -1
