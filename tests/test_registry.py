@@ -196,3 +196,67 @@ def test_the_reports_registry_section_shows_versions_aliases_and_each_rounds_dec
     assert decision["title"].startswith("round 2: keep") and decision["rows"][0][-1] == "may be worse"
     assert "simulated-reviewer-1" in decision["note"]
     assert registry_section(tmp_path, "nobody") is None
+
+
+def test_mlflow_mirror_copies_versions_aliases_and_decisions_idempotently(tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'chatforge[mlflow]')")
+    pytest.importorskip("alembic", reason="MLflow's SQLite store needs alembic (the mlflow extra)")
+    from mlflow.tracking import MlflowClient
+
+    from chatforge.registry.mlflow_mirror import mirror
+
+    reg = Registry(tmp_path / "runs")
+    fake(reg, "aaaa11112222", stage="pretrain")
+    fake(reg, "bbbb11112222", parent="aaaa11112222")
+    reg.set_alias("r", CHAMPION, "bbbb11112222", why="first chat model")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = mirror(reg, uri)
+    assert out["models"]["r"] == {"created": 2, "existing": 0, "aliases_set": 1, "aliases_removed": 0}
+    client = MlflowClient(tracking_uri=uri)
+    by_tag = {mv.tags["chatforge.version"]: mv for mv in client.search_model_versions("name='r'")}
+    assert set(by_tag) == {"aaaa11112222", "bbbb11112222"}
+    assert client.get_model_version_by_alias("r", CHAMPION).version == by_tag["bbbb11112222"].version
+    run = client.get_run(by_tag["bbbb11112222"].run_id)
+    assert run.data.tags["chatforge.parent"] == "aaaa11112222" and run.data.metrics["checks_mean"] == 0.5
+    # a second mirror adds nothing; an alias move, a new version and a decision follow it there
+    assert mirror(reg, uri)["models"]["r"] == {"created": 0, "existing": 2, "aliases_set": 0, "aliases_removed": 0}
+    fake(reg, "cccc11112222", stage="dpo", parent="bbbb11112222")
+    reg.record_decision("r", {"round": 2, "decision": "keep", "champion": "bbbb11112222",
+                              "challenger": "cccc11112222", "reasons": ["no_leak worse"]})
+    reg.set_alias("r", "challenger", "cccc11112222")
+    reg.remove_alias("r", CHAMPION)
+    assert mirror(reg, uri)["models"]["r"] == {"created": 1, "existing": 2, "aliases_set": 1, "aliases_removed": 1}
+    rm = client.get_registered_model("r")
+    assert set(rm.aliases) == {"challenger"}
+    history = json.loads(rm.tags["chatforge.alias_history"])
+    assert [(h["alias"], h["version"]) for h in history] == [(CHAMPION, "bbbb11112222"),
+                                                              ("challenger", "cccc11112222"), (CHAMPION, None)]
+    chall = client.get_model_version_by_alias("r", "challenger")
+    assert chall.tags["chatforge.decision.2"].startswith("keep vs bbbb11112222: no_leak worse")
+
+
+def test_mlflow_mirror_needs_a_uri(tmp_path, monkeypatch):
+    from chatforge.errors import ChatforgeError
+    from chatforge.registry.mlflow_mirror import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ChatforgeError, match="no MLflow tracking URI"):
+        tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    assert tracking_uri(None) == "sqlite:///x.db" and tracking_uri("http://h:5000") == "http://h:5000"
+
+
+def test_pipeline_config_can_ask_for_the_mlflow_mirror(tmp_path, capsys):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'chatforge[mlflow]')")
+    pytest.importorskip("alembic", reason="MLflow's SQLite store needs alembic (the mlflow extra)")
+    from chatforge.cli import _mirror_to_mlflow
+
+    runs = tmp_path / "runs"
+    fake(Registry(runs), "dddd11112222", stage="pretrain")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(None, overrides=[f"runs_dir={json.dumps(str(runs))}", 'name="r"',
+                                       f"registry.mlflow_uri={json.dumps(uri)}"])
+    _mirror_to_mlflow(cfg)
+    assert "model 'r': 1 versions added" in capsys.readouterr().out
+    _mirror_to_mlflow(load_config(None, overrides=[f"runs_dir={json.dumps(str(runs))}"]))  # off: nothing printed
+    assert "MLflow" not in capsys.readouterr().out

@@ -23,7 +23,7 @@ from chatforge.registry.core import CHAMPION, Registry, RegistryError, Version, 
 
 
 def add_models_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("models", help="registered model versions: list, show, diff, tag, promote, rollback, delete",
+    p = sub.add_parser("models", help="registered model versions: list, show, diff, tag, promote, rollback, delete, mlflow",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", default="runs", help="directory holding the runs and registry/ (default: runs)")
     p.add_argument("--name", default="default", help="the registered model (= run) for @ALIAS (default: default)")
@@ -60,6 +60,9 @@ def add_models_parser(sub: Any) -> argparse.ArgumentParser:
     de.add_argument("version")
     de.add_argument("--yes", action="store_true", help="really delete")
     de.add_argument("--why", default="")
+    ml = s.add_parser("mlflow", help="mirror versions, aliases and decisions into MLflow (needs the mlflow extra)")
+    ml.add_argument("name_arg", nargs="?", metavar="NAME", help="only this registered model (default: all)")
+    ml.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. sqlite:///runs/mlflow.db")
     p.set_defaults(func=cmd_models)
     return p
 
@@ -155,6 +158,16 @@ def cmd_models(args: argparse.Namespace) -> None:
                               f"{'; '.join(e.get('reasons', []))}")
             else:
                 console.print(f"{e['at'][:19]}  {e['by']}: deleted {e['version']}  {e.get('why', '')}")
+    elif cmd == "mlflow":
+        from chatforge.registry.mlflow_mirror import mirror
+
+        out = mirror(reg, args.uri, args.name_arg)
+        for model, c in out["models"].items():
+            console.print(f"MLflow {out['uri']}: model {model!r}: {c['created']} versions added, {c['existing']} "
+                          f"already there, {c['aliases_set']} aliases set, {c['aliases_removed']} removed",
+                          markup=False)
+        if not out["models"]:
+            console.print(f"no versions registered in {reg.root}")
     elif cmd == "delete":
         if not args.yes:
             raise RegistryError(f"delete {args.version}: add --yes to delete its record and files")
