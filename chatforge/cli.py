@@ -95,7 +95,21 @@ def _run(cfg: RunConfig, only: list[str] | None, force: list[str]) -> None:
         table.add_row(r.name, r.status, f"{r.wall_time_s:.1f}", _fmt_metrics(r.metrics, limit=6))
     console.print(table)
     _print_reports(cfg)
+    _mirror_to_mlflow(cfg)
     _print_outputs(cfg)
+
+
+def _mirror_to_mlflow(cfg: RunConfig) -> None:
+    """``registry.mlflow_uri`` set: copy the run's registered versions and aliases into MLflow."""
+    if not cfg.registry.mlflow_uri:
+        return
+    from chatforge.registry import Registry
+    from chatforge.registry.mlflow_mirror import mirror
+
+    out = mirror(Registry(cfg.runs_dir), cfg.registry.mlflow_uri, cfg.name)
+    for model, c in out["models"].items():
+        console.print(f"\nMLflow {out['uri']}: model {model!r}: {c['created']} versions added, "
+                      f"{c['existing']} already there, {c['aliases_set']} aliases set", markup=False)
 
 
 def _print_reports(cfg: RunConfig, names: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ class SupportWorldConfig:
     corpus_mb: float = 3.0  # size of the pre-training corpus (help articles + product pages)
     record_notes: float = 0.0  # share of corpus_mb given to record notes (records + notes copying from them)
     transcripts: float = 0.0  # share of corpus_mb given to support transcripts (training-split customers)
+    derived_dates: bool = False  # records state their deadlines: return window, warranty, card refund
     n_products: int = 400
     n_customers: int = 600
     n_reviews: int = 6000
@@ -92,6 +93,7 @@ class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     max_train_mb: float = 0.0  # cap on the text fed to BPE training; 0 = all
+    max_digits: int = 3  # bpe: digits are split into runs of at most this many before merging (1, 2 or 3)
 
 
 @dataclass
@@ -327,6 +329,15 @@ def _classify_defaults() -> ClassifyConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """Where the model registry (``runs/registry``, always kept) is also mirrored."""
+
+    # an MLflow tracking URI (sqlite:///runs/mlflow.db, http://host:5000): `pipeline run` and `round` mirror
+    # the registry there when they end (chatforge.registry.mlflow_mirror; needs the mlflow extra). "" = off
+    mlflow_uri: str = ""
+
+
+@dataclass
 class RoundConfig:
     """``chatforge round``: the next challenger from the feedback collected since the champion (``rounds.py``)."""
 
@@ -375,6 +386,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=_ppo_defaults)  # SupportWorld support prompts, the run's reward model
     grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks
     round: RoundConfig = field(default_factory=RoundConfig)  # `chatforge round` (not a stage of the pipeline)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -645,6 +657,7 @@ def validate(cfg: RunConfig) -> None:
                f"{t.vocab_size} must be at least 300 for bpe (256 bytes + special tokens + merges)")
     _check(t.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
     _check(t.max_train_mb >= 0, "tokenizer.max_train_mb", "must be >= 0 (0 = no cap)")
+    _check(t.max_digits in (1, 2, 3), "tokenizer.max_digits", f"{t.max_digits} must be 1, 2 or 3")
     s = cfg.shard
     _check(0 < s.val_fraction < 0.5, "shard.val_fraction", f"{s.val_fraction} must be in (0, 0.5)")
     _check(s.shard_tokens >= 1024, "shard.shard_tokens", "must be >= 1024")

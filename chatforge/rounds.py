@@ -325,4 +325,9 @@ def run_round(cfg: RunConfig, config_path: str | None = None, overrides: list[st
                       details={"round": number})
     write_json(out / "decision.json", decision)
     say(f"round {number}: {'PROMOTED' if promote else 'kept the champion'}: " + "; ".join(reasons))
+    if cfg.registry.mlflow_uri:
+        from chatforge.registry.mlflow_mirror import mirror
+
+        counts = mirror(reg, cfg.registry.mlflow_uri, run.name)["models"].get(run.name, {})
+        say(f"mirrored to MLflow {cfg.registry.mlflow_uri}: {counts}")
     return decision

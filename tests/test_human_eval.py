@@ -357,3 +357,11 @@ def test_a_random_reviewer_in_a_real_store_is_flagged(tmp_path):
     assert rnd["rank_agreement"]["n_shared"] == 10 * 3 * 4 and rnd["rating_correlation"]["n_shared"] == 30
     assert [r["version"] for r in stats["bradley_terry"]["ratings"]] == ["c@1", "b@1", "a@1"]
     assert stats["likert"]["c@1"]["overall"]["mean"] > stats["likert"]["a@1"]["overall"]["mean"]
+
+
+def test_version_label_does_not_repeat_a_version_the_model_id_names():
+    from chatforge.store.stats import version_label
+
+    assert version_label("r-dpo", "ff150afd408f") == "r-dpo@ff150afd408f"
+    assert version_label("r-dpo@ff150afd408f", "ff150afd408f") == "r-dpo@ff150afd408f"
+    assert version_label("r-dpo", None) == "r-dpo"

@@ -396,3 +396,8 @@ def test_blind_comparison_from_the_runs_feedback_store(fake_run, capsys):
     md = (fake_run / "report" / "report.md").read_text(encoding="utf-8")
     assert f"### blind comparison: {out['dataset']}" in md
     assert "| judgements | 3 |" in md and "| aligned preferred | 2 |" in md and "| win rate | 0.6667 |" in md
+    # the store's statistics, as `feedback stats` prints them: one row per version, no JSON blobs
+    assert "### Bradley-Terry ratings (Elo scale 400, mean at 1000" in md
+    assert "### Pairwise win rates (ties count half; 95% Wilson interval)" in md
+    bt = md.split("### Bradley-Terry ratings")[1].split("###")[0]
+    assert "{" not in bt and bt.count("@") == 2  # two versions: the DPO and the SFT model

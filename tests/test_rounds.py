@@ -134,8 +134,28 @@ def test_simulated_reviewers_rank_and_rate_through_the_api_and_say_so(tmp_path, 
     assert all(r["rank_agreement"]["n_shared"] > 0 for r in stats["reviewers"])
     pairs = [r for _, r in read_jsonl(tmp_path / "export" / "preferences.jsonl")]
     assert all(p["meta"]["dataset"] == "simulated-t" and p["meta"]["user"].startswith("simulated-") for p in pairs)
-    # a second simulation on the same database would reuse the users' names: refused, nothing changed
-    with TestClient(create_app(settings_for(tmp_path, [("tiny", model)]))) as client, \
-            pytest.raises(Exception, match="exists from an earlier simulation"):
-        simulate_feedback(client, rows, ADMIN_PASSWORD, name="t2", samples=2, max_tokens=4, checks=checks)
+    # a second simulation on the same database (the next round's) is played by the same reviewers;
+    # one with another seed cannot log in as them: refused, before anything is assigned
+    with TestClient(create_app(settings_for(tmp_path, [("tiny", model)]))) as client:
+        again = simulate_feedback(client, rows, ADMIN_PASSWORD, name="t2", samples=2, max_tokens=4, rate=False,
+                                  checks=checks)
+        assert again["reviewers"] == out["reviewers"] and again["done"]["rank"] == 10
+        with pytest.raises(Exception, match="password is not this simulation's"):
+            simulate_feedback(client, rows, ADMIN_PASSWORD, name="t3", samples=2, max_tokens=4, seed=5,
+                              checks=checks)
     assert json.loads(json.dumps(out))  # JSON-able for the script's output
+
+
+def test_simulated_rankings_of_two_served_versions_give_win_rates_and_ratings(tmp_path, support_rows):
+    rows, checks = support_rows
+    a, b = save_tiny_model(tmp_path / "a", seed=1, context=2048), save_tiny_model(tmp_path / "b", seed=2, context=2048)
+    with TestClient(create_app(settings_for(tmp_path, [("a", a), ("b", b)]))) as client:
+        out = simulate_feedback(client, rows, ADMIN_PASSWORD, name="ab", reviewers=2, overlap=2, samples=1,
+                                max_tokens=8, rate=False, checks=checks, models=["a", "b"])
+    assert out["generated"] == {"a": 5, "b": 5} and out["done"]["rank"] == 10
+    from chatforge.store.stats import human_eval_stats
+
+    stats = human_eval_stats(Store(f"sqlite:///{tmp_path / 'feedback.db'}"), n_boot=50)
+    (pair,) = stats["win_rates"]
+    assert pair["n"] == 10  # 5 prompts x 2 reviewers, each ranking one answer of each version
+    assert {r["version"] for r in stats["bradley_terry"]["ratings"]} == {pair["a"], pair["b"]}

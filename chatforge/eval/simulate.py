@@ -52,31 +52,46 @@ def _login(client: Any, username: str, password: str) -> None:
 def simulate_feedback(client: Any, rows: Sequence[dict[str, Any]], admin_password: str, name: str = "round",
                       reviewers: int = 3, overlap: int = 2, samples: int = 4, rate: bool = True,
                       noise: float = 0.05, temperature: float = 1.0, max_tokens: int = 192, seed: int = 0,
-                      checks: SupportChecks | None = None) -> dict[str, Any]:
+                      checks: SupportChecks | None = None, models: Sequence[str] = (),
+                      admin_user: str = "admin") -> dict[str, Any]:
     """Play an admin and ``reviewers`` reviewers on a running app (``client``: an httpx.Client or
     FastAPI TestClient on the server). ``rows``: SupportWorld support conversations (not the held-out
-    test split); their main questions become the prompts. Returns counts."""
+    test split); their main questions become the prompts. ``models``: served model ids to answer
+    (``samples`` answers each, ranked together, so the rankings compare versions); none = the server's
+    default model. Returns counts."""
     checks = checks or SupportChecks()
     prompts = [support_prompt(r)[0] for r in rows]
     by_messages = {json.dumps(p, sort_keys=True): r for p, r in zip(prompts, rows)}
-    _login(client, "admin", admin_password)
+    client.cookies.clear()
+    if client.post("/api/login", json={"username": admin_user, "password": admin_password}).status_code != 200:
+        raise ChatforgeError(f"simulate: cannot log in as {admin_user!r}: the feedback database has an admin whose "
+                             "password this simulation was not given (give --admin-user/--admin-password, or add "
+                             "one: chatforge feedback users add NAME --role admin --run RUN)")
+    users = [f"simulated-reviewer-{k + 1}" for k in range(reviewers)]
+    password = f"sim-{random.Random(seed).getrandbits(64):x}"
+    existing = {u["username"] for u in _ok(client.get("/api/admin/users"), "list users")["users"]}
+    # An earlier simulation's reviewer (the password derives from the seed) is the same person again, so
+    # agreement and outlier figures follow one simulated reviewer across rounds. Checked before anything
+    # is written: a name this simulation cannot log in as stops it.
+    for u in (u for u in users if u in existing):
+        client.cookies.clear()
+        if client.post("/api/login", json={"username": u, "password": password}).status_code != 200:
+            raise ChatforgeError(f"simulate: user {u} exists but its password is not this simulation's "
+                                 f"(another --seed, or a real account); use the seed it was made with")
+    _login(client, admin_user, admin_password)
+    for u in (u for u in users if u not in existing):
+        _ok(client.post("/api/admin/users", json={"username": u, "password": password, "role": "reviewer"}),
+            f"create {u}")
     dataset = f"simulated-{name}"
     made = _ok(client.post("/api/admin/datasets", json={
         "name": dataset, "kind": "prompts", "jsonl": "\n".join(json.dumps({"messages": p}) for p in prompts)}),
         "import the prompts")
     dataset_id = made["id"]
-    gen = _ok(client.post("/api/admin/responses", json={"dataset_id": dataset_id, "per_model": samples,
-                                                        "temperature": temperature, "max_tokens": max_tokens}),
-              "generate answers")
-    users = [f"simulated-reviewer-{k + 1}" for k in range(reviewers)]
-    password = f"sim-{random.Random(seed).getrandbits(64):x}"
-    existing = {u["username"] for u in _ok(client.get("/api/admin/users"), "list users")["users"]}
-    for u in users:
-        if u in existing:  # its password is not known to this simulation
-            raise ChatforgeError(f"simulate: user {u} exists from an earlier simulation; use a fresh feedback "
-                                 "database")
-        _ok(client.post("/api/admin/users", json={"username": u, "password": password, "role": "reviewer"}),
-            f"create {u}")
+    body: dict[str, Any] = {"dataset_id": dataset_id, "per_model": samples, "temperature": temperature,
+                            "max_tokens": max_tokens}
+    if models:
+        body["models"] = list(models)
+    gen = _ok(client.post("/api/admin/responses", json=body), "generate answers")
     assigned = {"rank": _ok(client.post("/api/admin/assign", json={
         "dataset_id": dataset_id, "kind": "rank", "usernames": users, "overlap": min(overlap, reviewers)}),
         "assign rankings")["assigned"]}

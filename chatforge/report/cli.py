@@ -35,9 +35,11 @@ def human_from_store(db_url: str) -> dict[str, Any] | None:
     try:
         out: dict[str, Any] = {"tables": [], "comparisons": []}
         from chatforge.eval.human import human_eval_stats
-        from chatforge.report.sections import generic_tables
+        from chatforge.store.stats_cli import tables
 
-        out["tables"] = generic_tables(human_eval_stats(store))
+        stats = human_eval_stats(store)
+        if stats["counts"]["ratings"] or stats["counts"]["comparisons"]:
+            out["tables"] = tables(stats)  # the tables `chatforge feedback stats` prints
         for ds in service.list_datasets(store):
             if ds["kind"] != "prompts" or not ds["name"].startswith("blind "):  # queue_comparison's names
                 continue

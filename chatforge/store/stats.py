@@ -39,7 +39,9 @@ OVERALL = "overall"  # the mean of a rating's four aspects, summarised like an a
 
 
 def version_label(model_id: str, model_version: str | None) -> str:
-    return f"{model_id}@{model_version}" if model_version else model_id
+    if not model_version or model_id.endswith(f"@{model_version}"):  # serve names an older version NAME@VERSION
+        return model_id
+    return f"{model_id}@{model_version}"
 
 
 def _read(store: Store, dataset: str | None

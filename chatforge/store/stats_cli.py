@@ -19,60 +19,67 @@ def _ci(ci: list[float] | None, digits: int = 2) -> str:
     return "-" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def render(stats: dict[str, Any], console: Console) -> None:
-    """Print ``human_eval_stats``' dict as rich tables."""
+def tables(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """``human_eval_stats``' dict as tables ``{"title", "columns", "rows", "note"}`` of strings: what
+    `feedback stats` prints and the report card shows."""
+    out: list[dict[str, Any]] = []
     c = stats["counts"]
     where = f"dataset {stats['dataset']!r}" if stats["dataset"] else "the whole store"
-    console.print(f"Human evaluation of {escape(where)}: {c['ratings']} ratings, {c['rankings']} rankings, "
-                  f"{c['comparisons']} pairwise comparisons ({c['thumb_comparisons']} from chat thumbs), "
-                  f"{c['reviewers']} reviewers")
+    out.append({"title": "Judgements", "columns": ["of", "ratings", "rankings", "pairwise comparisons",
+                                                    "from chat thumbs", "reviewers"],
+                "rows": [[where, str(c["ratings"]), str(c["rankings"]), str(c["comparisons"]),
+                          str(c["thumb_comparisons"]), str(c["reviewers"])]], "note": ""})
     if stats["likert"]:
-        t = Table(title="Likert ratings (1-5; 95% bootstrap over responses; alpha: Krippendorff, interval)")
-        for col in ("version", "aspect", "mean", "95% CI", "n", "responses", "reviewers", "alpha", "alpha units"):
-            t.add_column(col)
-        for version, aspects in stats["likert"].items():
-            for aspect, a in aspects.items():
-                t.add_row(escape(version), aspect, _f(a["mean"]), _ci(a["ci_95"]), str(a["n"]),
-                          str(a["n_responses"]), str(a["n_reviewers"]), _f(a["agreement"]["krippendorff_alpha"]),
-                          str(a["agreement"]["n_units"]))
-        console.print(t)
+        rows = [[version, aspect, _f(a["mean"]), _ci(a["ci_95"]), str(a["n"]), str(a["n_responses"]),
+                 str(a["n_reviewers"]), _f(a["agreement"]["krippendorff_alpha"]), str(a["agreement"]["n_units"])]
+                for version, aspects in stats["likert"].items() for aspect, a in aspects.items()]
+        out.append({"title": "Likert ratings (1-5; 95% bootstrap over responses; alpha: Krippendorff, interval)",
+                    "columns": ["version", "aspect", "mean", "95% CI", "n", "responses", "reviewers", "alpha",
+                                "alpha units"], "rows": rows,
+                    "note": "alpha needs responses rated by at least two reviewers" if all(
+                        r[-1] == "0" for r in rows) else ""})
     if stats["win_rates"]:
-        t = Table(title="Pairwise win rates (ties count half; 95% Wilson interval)")
-        for col in ("a", "b", "n", "a wins", "b wins", "ties", "a win rate", "95% CI", "agreement", "pairs"):
-            t.add_column(col)
-        for w in stats["win_rates"]:
-            t.add_row(escape(w["a"]), escape(w["b"]), str(w["n"]), str(w["wins_a"]), str(w["wins_b"]), str(w["ties"]),
-                      _f(w["win_rate_a"], 3), _ci(w["ci_95"], 3), _f(w["agreement"]["pairwise"], 3),
-                      str(w["agreement"]["n_pairs"]))
-        console.print(t)
+        out.append({"title": "Pairwise win rates (ties count half; 95% Wilson interval)",
+                    "columns": ["a", "b", "n", "a wins", "b wins", "ties", "a win rate", "95% CI", "agreement",
+                                "pairs"],
+                    "rows": [[w["a"], w["b"], str(w["n"]), str(w["wins_a"]), str(w["wins_b"]), str(w["ties"]),
+                              _f(w["win_rate_a"], 3), _ci(w["ci_95"], 3), _f(w["agreement"]["pairwise"], 3),
+                              str(w["agreement"]["n_pairs"])] for w in stats["win_rates"]], "note": ""})
     bt = stats["bradley_terry"]
     if bt:
         anchor = f"{bt['baseline']} at 1000" if bt["baseline"] else "mean at 1000"
-        t = Table(title=f"Bradley-Terry ratings (Elo scale 400, {escape(anchor)}; 95% bootstrap over "
-                        f"{bt['n_battles']} battles, {bt['n_boot']} rounds)")
-        for col in ("version", "rating", "95% CI", "n", "wins", "losses", "ties"):
-            t.add_column(col)
-        for r in bt["ratings"]:
-            t.add_row(escape(r["version"]), f"{r['rating']:.0f}", _ci(r["ci_95"], 0), str(r["n"]), str(r["wins"]),
-                      str(r["losses"]), str(r["ties"]))
-        console.print(t)
-        if not bt["connected"]:
-            console.print("[yellow]some versions were never compared with the rest, even through others: their "
-                          "ratings relative to the rest come from the prior alone[/yellow]")
+        out.append({"title": f"Bradley-Terry ratings (Elo scale 400, {anchor}; 95% bootstrap over "
+                             f"{bt['n_battles']} battles, {bt['n_boot']} rounds)",
+                    "columns": ["version", "rating", "95% CI", "n", "wins", "losses", "ties"],
+                    "rows": [[r["version"], f"{r['rating']:.0f}", _ci(r["ci_95"], 0), str(r["n"]), str(r["wins"]),
+                              str(r["losses"]), str(r["ties"])] for r in bt["ratings"]],
+                    "note": "" if bt["connected"] else "some versions were never compared with the rest, even "
+                                                       "through others: their ratings relative to the rest come "
+                                                       "from the prior alone"})
     rank = stats["agreement"]["rank"]
-    console.print(f"Ranking agreement: {_f(rank['pairwise'], 3)} of {rank['n_pairs']} reviewer pairs on shared pairs")
     if stats["reviewers"]:
-        t = Table(title="Reviewers (agreement with the others)")
-        for col in ("reviewer", "rank agreement", "shared pairs", "rating corr.", "shared responses", "flagged"):
-            t.add_column(col)
-        for r in stats["reviewers"]:
-            t.add_row(escape(r["reviewer"]), _f(r["rank_agreement"]["score"], 3), str(r["rank_agreement"]["n_shared"]),
-                      _f(r["rating_correlation"]["score"]), str(r["rating_correlation"]["n_shared"]),
-                      "[red]yes[/red]" if r["flagged"] else "")
-        console.print(t)
-        for r in stats["reviewers"]:
-            for reason in r["reasons"]:
-                console.print(f"[red]flagged[/red] {escape(r['reviewer'])}: {escape(reason)}")
+        out.append({"title": "Reviewers (agreement with the others)",
+                    "columns": ["reviewer", "rank agreement", "shared pairs", "rating corr.", "shared responses",
+                                "flagged", "why"],
+                    "rows": [[r["reviewer"], _f(r["rank_agreement"]["score"], 3), str(r["rank_agreement"]["n_shared"]),
+                              _f(r["rating_correlation"]["score"]), str(r["rating_correlation"]["n_shared"]),
+                              "yes" if r["flagged"] else "", "; ".join(r["reasons"])] for r in stats["reviewers"]],
+                    "note": f"ranking agreement: {_f(rank['pairwise'], 3)} of {rank['n_pairs']} reviewer pairs "
+                            "on shared pairs"})
+    return out
+
+
+def render(stats: dict[str, Any], console: Console) -> None:
+    """Print ``human_eval_stats``' dict as rich tables."""
+    for t in tables(stats):
+        table = Table(title=escape(t["title"]))
+        for col in t["columns"]:
+            table.add_column(col)
+        for row in t["rows"]:
+            table.add_row(*(escape(x) for x in row))
+        console.print(table)
+        if t["note"]:
+            console.print(escape(t["note"]))
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
