@@ -2,6 +2,7 @@
 
     chatforge pipeline run [CONFIG] [--preset P] [--name N] [--set k=v ...] [--force STAGE]
     chatforge data generate|collect|clean|shard [-c CONFIG] [--set k=v ...]
+    chatforge data balance FILE --by ATTR [--by ATTR ...] [--mode report|downsample|reweight] [--out F] [--json]
     chatforge tokenizer train [-c CONFIG] [--set k=v ...]
     chatforge tokenizer encode TOKENIZER_DIR TEXT
     chatforge pretrain [-c CONFIG] [--set k=v ...] [--init-from MODEL] [--resume]     (also under torchrun)
@@ -35,6 +36,7 @@ from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
 from chatforge.registry.cli import add_models_parser
 from chatforge.report.cli import add_report_parser
+from chatforge.safety.cli import add_safety_parser
 from chatforge.serve.cli import add_serve_parser
 from chatforge.stages import align_stages, finetune_stages
 from chatforge.store.cli import add_feedback_parser
@@ -201,6 +203,17 @@ def cmd_round(args: argparse.Namespace) -> None:
     console.print(f"  champion vs challenger report: {escape(str(html))}", soft_wrap=True)
     if run_report:
         console.print(f"  run report: {escape(str(run_report[0]))}", soft_wrap=True)
+
+
+def cmd_data_balance(args: argparse.Namespace) -> None:
+    from chatforge.data.balance import balance_file, format_result, load_name_groups
+
+    names = load_name_groups(args.names) if args.names else None
+    result = balance_file(args.file, args.by, args.mode, args.out, args.seed, names)
+    if args.json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        console.print(format_result(result), markup=False, soft_wrap=True)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -555,6 +568,22 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
         console.print("record lookup: the probe's records do not fit the model's context", markup=False, soft_wrap=True)
 
 
+def cmd_eval_bias(args: argparse.Namespace) -> None:
+    from chatforge.safety.bias import evaluate_bias, format_result
+
+    classifier = None
+    if args.classifier:  # a directory, a stage of the run (sentiment) or a registered version, as MODEL
+        classifier = _model_dir(argparse.Namespace(**{**vars(args), "model": args.classifier}))
+    result = evaluate_bias(_model_dir(args), classifier=classifier, chat=args.chat, device=args.device,
+                           dtype=args.dtype, out=args.out, n=args.n, n_chat=args.n_chat, seed=args.seed,
+                           axes=args.axes, max_new_tokens=args.max_new_tokens, stereotypes=not args.no_stereotypes,
+                           crows_pairs=args.crows_pairs or (), bbq=args.bbq or ())
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        console.print(format_result(result), markup=False, soft_wrap=True)
+
+
 def cmd_eval_prompt_classify(args: argparse.Namespace) -> None:
     from chatforge.device import resolve_device
     from chatforge.eval.metrics import format_confusion
@@ -618,6 +647,22 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--force", dest="force_stage", action="store_true", help="run even if up to date")
         p.set_defaults(func=cmd_stage, stage=stage)
+    bal = data_sub.add_parser("balance", help="how fine-tuning rows spread over attributes; a balanced subset or "
+                                              "weights (chatforge/data/balance.py)")
+    bal.add_argument("file", help="rows: {text,label} or {messages} (.jsonl/.parquet/hf:NAME)")
+    bal.add_argument("--by", action="append", required=True, metavar="ATTR",
+                     help="a top-level field (label, intent, source, ...) or gendered_terms / names (repeatable: "
+                          "several are balanced jointly)")
+    bal.add_argument("--mode", choices=("report", "downsample", "reweight"), default="report",
+                     help="report (default); downsample: drop rows of larger groups to the smallest group's count; "
+                          "reweight: add weight = N/(K*count(value)) to every row")
+    bal.add_argument("--out", help="the .jsonl to write (downsample/reweight); the report goes to OUT.balance.json")
+    bal.add_argument("--seed", type=int, default=0, help="downsample: which rows are kept (default 0)")
+    bal.add_argument("--names", metavar="FILE", help="names for the 'names' attribute: name per line, or "
+                                                     "name,group / name<TAB>group lines, or JSON {name: group} "
+                                                     "(default: SupportWorld's first names, ungrouped)")
+    bal.add_argument("--json", action="store_true", help="print the result as JSON")
+    bal.set_defaults(func=cmd_data_balance)
 
     tok = sub.add_parser("tokenizer", help="tokenizer stages and tools")
     tok_sub = tok.add_subparsers(dest="action", required=True)
@@ -792,6 +837,32 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--json", action="store_true")
     prb.set_defaults(func=cmd_eval_probe)
 
+    from chatforge.safety.bias_sets import AXES as BIAS_AXES  # no torch: the parser stays quick to build
+
+    bia = ev_sub.add_parser("bias", help="bias probes: log-likelihood gaps, classifier flips and chat answers on "
+                                         "counterfactual pairs, stereotype pairs, CrowS-Pairs and BBQ files "
+                                         "(runs/RUN/eval/bias/VERSION.json)")
+    _add_model_args(bia, "sft")
+    bia.add_argument("--classifier", metavar="MODEL", help="a classification model (directory or stage, e.g. "
+                                                           "sentiment): label flips on the same pairs")
+    bia.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="the chat-answer probe (default: when MODEL is a chat model)")
+    bia.add_argument("--axes", nargs="+", choices=BIAS_AXES, default=list(BIAS_AXES))
+    bia.add_argument("--n", type=int, default=200, help="counterfactual text pairs per axis")
+    bia.add_argument("--n-chat", type=int, default=24, help="counterfactual support conversations per axis")
+    bia.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the chat answers")
+    bia.add_argument("--seed", type=int, default=0)
+    bia.add_argument("--no-stereotypes", action="store_true", help="skip chatforge's illustrative stereotype pairs")
+    bia.add_argument("--crows-pairs", action="append", metavar="FILE.csv",
+                     help="a CrowS-Pairs CSV as published (repeatable; pooled)")
+    bia.add_argument("--bbq", action="append", metavar="FILE.jsonl", help="a BBQ data file as published "
+                                                                         "(repeatable, e.g. one per category)")
+    bia.add_argument("--out", help="result file (default: runs/RUN/eval/bias/VERSION.json)")
+    bia.add_argument("--device", default="auto")
+    bia.add_argument("--dtype", default="auto")
+    bia.add_argument("--json", action="store_true", help="print the result as JSON")
+    bia.set_defaults(func=cmd_eval_bias)
+
     su = ev_sub.add_parser("suite", help="contamination, held-out metrics, checks, task files and a fixed prompt "
                                          "set, stored per model version (runs/RUN/eval/suite/VERSION.json)")
     _add_model_args(su, "sft")
@@ -826,6 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_feedback_parser(sub)
     add_models_parser(sub)
     add_report_parser(sub)
+    add_safety_parser(sub, _add_model_args)
 
     rnd = sub.add_parser("round", help="the next challenger from the feedback since the champion; promoted only if "
                                        "not worse on the guarded metrics (round.* settings)")

@@ -39,6 +39,12 @@ class SupportWorldConfig:
     n_conversations: int = 4000
     n_translations: int = 3000
     n_candidates: int = 4  # candidate answers per support prompt (preference data)
+    # Safety data (chatforge.data.supportworld.safety): conversations whose right answer is a refusal (they join
+    # the conversations and preference pairs), moderation examples per label (train; a third as many held
+    # out) and held-out red-team prompts from templates no training set uses.
+    refusal_share: float = 0.05  # refusal conversations, as a share of n_conversations (added to them)
+    n_moderation: int = 300
+    n_redteam: int = 128
     val_fraction: float = 0.1  # held-out share of each task (split by entity, not by row)
     test_fraction: float = 0.1
 
@@ -81,6 +87,9 @@ class CleanConfig:
     # PII scrubbing and the safety-filter hook ("module:function" taking text, returning reason or None).
     scrub_pii: bool = True
     safety_filter: str = ""
+    # The safety policy's data actions (keep | flag | drop per category; rules only, no classifier):
+    # "" = off, "default" = chatforge/safety/default_policy.toml, else a policy TOML file.
+    safety_policy: str = ""
     workers: int = 0  # worker processes; 0 = one per CPU core
     examples_per_rule: int = 3  # examples of dropped documents kept in clean_report.json
 
@@ -190,6 +199,9 @@ class ClassifyConfig(FinetuneConfig):
 
     text_field: str = "text"
     label_field: str = "label"
+    # A per-example loss weight in the training rows ("weight" from `chatforge data balance --mode reweight`);
+    # "" = unweighted. Opt-in: a dataset may have an unrelated "weight" column (a product's kilograms).
+    weight_field: str = ""
     pooling: str = "last"  # last | mean
 
 
@@ -338,6 +350,19 @@ class RegistryConfig:
 
 
 @dataclass
+class SafetyConfig:
+    """The pipeline's ``safety`` stage (``chatforge safety``): moderation quality on held-out examples and the
+    red-team unsafe-answer rate of the chat models, raw and as ``serve --guard`` delivers them."""
+
+    policy: str = "default"  # a policy TOML file, or "default" (chatforge/safety/default_policy.toml)
+    redteam_models: list[str] = field(default_factory=lambda: ["sft", "dpo"])  # stages red-teamed
+    redteam_prompts: int = 0  # red-team prompts answered per model; 0 = all
+    max_new_tokens: int = 96
+    # `chatforge eval bias` on these stages (base, chat, aligned), with the sentiment model as the classifier
+    bias_models: list[str] = field(default_factory=lambda: ["pretrain", "sft", "dpo"])
+
+
+@dataclass
 class RoundConfig:
     """``chatforge round``: the next challenger from the feedback collected since the champion (``rounds.py``)."""
 
@@ -378,6 +403,7 @@ class RunConfig:
     translate: ChatTuneConfig = field(default_factory=_translate_defaults)  # SupportWorld EN -> ES
     sentiment: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld reviews
     intent: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld support conversations
+    moderation: ClassifyConfig = field(default_factory=_classify_defaults)  # SupportWorld safety examples
     tagging: TagConfig = field(default_factory=lambda: TagConfig(
         batch_size=32, max_steps=300, lr=1e-3, warmup_steps=20, eval_every=100, checkpoint_every=300, max_len=96,
         weight_decay=0.0, min_lr_frac=0.0))  # SupportWorld product-attribute tags
@@ -385,6 +411,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=_dpo_defaults)
     ppo: PPOConfig = field(default_factory=_ppo_defaults)  # SupportWorld support prompts, the run's reward model
     grpo: GRPOConfig = field(default_factory=_grpo_defaults)  # SupportWorld support prompts, rewards from checks
+    safety: SafetyConfig = field(default_factory=SafetyConfig)  # the pipeline's safety evaluation
     round: RoundConfig = field(default_factory=RoundConfig)  # `chatforge round` (not a stage of the pipeline)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
@@ -414,6 +441,9 @@ PRESETS: dict[str, dict[str, Any]] = {
              "model.tie_embeddings": True, "model.key_smear": True,
              "pretrain.copy_drill_warmup": 0.2, "pretrain.copy_drill": 0.25,
              "tokenizer.vocab_size": 4096,
+             # The shipped safety policy's data actions in the clean stage (rules only): on the SupportWorld
+             # corpus it drops and flags nothing, and costs ~1.4 s per MB per core (3-5 s of the main job here)
+             "clean.safety_policy": "default",
              "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 512,
              "model.qk_norm": False, "model.logit_softcap": 0.0,
              "pretrain.batch_size": 4, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,
@@ -637,6 +667,15 @@ def validate(cfg: RunConfig) -> None:
     _check(2 <= sw.n_candidates <= 8, "supportworld.n_candidates", "must be between 2 and 8")
     _check(0 < sw.val_fraction < 0.5 and 0 < sw.test_fraction < 0.5, "supportworld.val_fraction",
            "val_fraction and test_fraction must each be in (0, 0.5)")
+    for f in ("n_moderation", "n_redteam"):
+        _check(getattr(sw, f) >= 0, f"supportworld.{f}", "must be >= 0")
+    _check(0 <= sw.refusal_share < 1, "supportworld.refusal_share", f"{sw.refusal_share} must be in [0, 1)")
+    sa = cfg.safety
+    _check(sa.redteam_prompts >= 0 and sa.max_new_tokens >= 1, "safety.redteam_prompts",
+           "redteam_prompts must be >= 0 (0 = all) and max_new_tokens >= 1")
+    for key in ("redteam_models", "bias_models"):
+        for name in getattr(sa, key):
+            _check(name in {d for d, _ in training_sections(cfg)}, f"safety.{key}", f"{name!r} is not a training stage")
     _check(cfg.collect.max_doc_chars >= 0, "collect.max_doc_chars", "must be >= 0 (0 = one document per file)")
     c = cfg.clean
     _check(c.min_chars >= 0 and c.min_words >= 0, "clean.min_chars", "must be >= 0")
@@ -647,6 +686,8 @@ def validate(cfg: RunConfig) -> None:
     _check(c.workers >= 0, "clean.workers", "must be >= 0 (0 = one per core)")
     _check(c.safety_filter == "" or ":" in c.safety_filter, "clean.safety_filter",
            f"{c.safety_filter!r} must look like 'package.module:function'")
+    _check(c.safety_policy in ("", "default") or c.safety_policy.endswith(".toml"), "clean.safety_policy",
+           f"{c.safety_policy!r} must be '' (off), 'default' (the shipped policy) or a policy .toml file")
     for f in ("min_alpha_word_frac", "max_bullet_line_frac", "max_ellipsis_line_frac",
               "max_dup_line_frac", "max_dup_line_char_frac"):
         v = getattr(c, f)

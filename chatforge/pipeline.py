@@ -69,7 +69,20 @@ def _clean(cfg: RunConfig) -> dict[str, Any]:
     p = paths(cfg)
     report = clean(p.raw, p.clean, p.clean_report, cfg.clean)
     keep = ("input", "output", "wall_time_s", "mb_per_s")
-    return {k: report[k] for k in keep if k in report}
+    out = {k: report[k] for k in keep if k in report}
+    if report.get("safety"):  # the policy's drops and flags (per category in clean_report.json)
+        out["safety_dropped"], out["safety_flagged"] = report["safety"]["dropped"], report["safety"]["flagged"]
+    return out
+
+
+def _clean_inputs(cfg: RunConfig) -> list[Path]:
+    """raw.jsonl and the safety policy file (an edited policy re-runs the stage)."""
+    if not cfg.clean.safety_policy:
+        return [paths(cfg).raw]
+    from chatforge.safety.policy import DEFAULT_POLICY, default_policy_path
+
+    policy = cfg.clean.safety_policy
+    return [paths(cfg).raw, default_policy_path() if policy == DEFAULT_POLICY else Path(policy)]
 
 
 def _tokenizer(cfg: RunConfig) -> dict[str, Any]:
@@ -102,7 +115,7 @@ def data_stages() -> list[Stage]:
         Stage("collect", ("collect",), _collect_inputs, lambda c: [paths(c).raw], _collect,
               "gather documents from the sources into data/raw.jsonl",
               extra_key=lambda c: "|".join(_sources(c))),
-        Stage("clean", ("clean",), lambda c: [paths(c).raw], lambda c: [paths(c).clean, paths(c).clean_report],
+        Stage("clean", ("clean",), _clean_inputs, lambda c: [paths(c).clean, paths(c).clean_report],
               _clean, "normalise, filter, de-duplicate and scrub PII"),
         Stage("tokenizer", ("tokenizer",), lambda c: [paths(c).clean], lambda c: [paths(c).tokenizer],
               _tokenizer, "train the tokenizer on the clean corpus"),
@@ -142,9 +155,42 @@ def model_stages() -> list[Stage]:
     return [training_stage(d) for d in TRAINING_STAGES if d.in_pipeline]
 
 
+def _safety_models(cfg: RunConfig, key: str = "redteam_models") -> list[tuple[str, Path]]:
+    """``(stage, model dir)`` of the ``safety.<key>`` stages the pipeline trains."""
+    from chatforge.stages import get_stage
+
+    return [(name, paths(cfg).stage(get_stage(name).subdir).model) for name in getattr(cfg.safety, key)
+            if get_stage(name).in_pipeline]
+
+
+def _safety_inputs(cfg: RunConfig) -> list[Path]:
+    sw = paths(cfg).supportworld / "safety"
+    models = dict(_safety_models(cfg)) | dict(_safety_models(cfg, "bias_models"))
+    return [paths(cfg).stage("finetune/moderation").model, paths(cfg).stage("finetune/sentiment").model,
+            sw / "test.jsonl", sw / "redteam.jsonl", *models.values()]
+
+
+def _safety_outputs(cfg: RunConfig) -> list[Path]:
+    root = paths(cfg).root / "safety"
+    return [root / "moderation.json", *(root / f"redteam-{name}.json" for name, _ in _safety_models(cfg))]
+
+
+def _safety(cfg: RunConfig) -> dict[str, Any]:
+    """Moderation precision/recall per category, each chat model's red-team unsafe-answer rate, and the
+    bias probes of the base, chat and aligned models."""
+    from chatforge.safety.pipeline import evaluate_safety
+
+    return evaluate_safety(cfg, paths(cfg), _safety_models(cfg), _safety_models(cfg, "bias_models"))
+
+
+def safety_stage() -> Stage:
+    return Stage("safety", ("safety", "supportworld"), _safety_inputs, _safety_outputs, _safety,
+                 "moderation precision/recall and the red-team unsafe-answer rate, raw and guarded")
+
+
 def all_stages() -> list[Stage]:
     """Every stage the pipeline knows, in order."""
-    return data_stages() + model_stages()
+    return data_stages() + model_stages() + [safety_stage()]
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: list[str] = (), **hooks: Any

@@ -147,7 +147,7 @@ def test_login_nav_roles_logout(page, server):
     page.wait_for_url(re.compile(r"/chat$"))
     expect(page.locator("#role")).to_have_text("reviewer")
     links = page.locator("nav .links a")
-    expect(links).to_have_text(["Chat", "Rate", "Rank", "Report"])  # no Label, no Admin for a reviewer
+    expect(links).to_have_text(["Chat", "Rate", "Rank", "Flags", "Report"])  # no Label, no Admin for a reviewer
     page.goto("/admin")
     expect(page.locator("main")).to_contain_text("needs the role admin")
     page.click("#logout")

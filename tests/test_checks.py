@@ -88,10 +88,10 @@ def test_reference_answers_pass_every_check(data):
     for name in (*CHECKS, "all"):
         t = report["checks"][name]
         assert t["passed"] == t["n"], (name, t)
-    n_orders = sum("order_id" in r["record"] for r in convs)
-    assert report["checks"]["status"]["n"] == report["checks"]["order_number"]["n"] == n_orders
+    n_orders = sum("order_id" in r["record"] and r["intent"] != "refusal" for r in convs)  # a refusal's order
+    assert report["checks"]["status"]["n"] == report["checks"]["order_number"]["n"] == n_orders  # is not asked
     assert report["checks"]["intent"]["n"] == len(convs)  # every row's expected action was determined
-    assert set(report["by_intent"]) == {r["intent"] for r in convs} and len(report["by_intent"]) == 11
+    assert set(report["by_intent"]) == {r["intent"] for r in convs} and len(report["by_intent"]) == 12
 
 
 def test_flawed_candidates_fail_the_checks_that_name_their_flaw(data):

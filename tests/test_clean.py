@@ -432,3 +432,158 @@ def test_missing_or_empty_input(tmp_path):
     (tmp_path / "raw.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"raw\.jsonl: no documents to clean"):
         clean(tmp_path / "raw.jsonl", tmp_path / "c.jsonl", tmp_path / "r.json", CleanConfig(workers=1))
+
+
+# --------------------------------------------------------------------------- safety policy (data actions)
+
+POLICY_TOML = r"""
+name = "test-policy"
+
+[categories.T1]
+name = "weapons"
+data = "drop"
+patterns = ['\bbuild a (pipe )?bomb\b']
+
+[categories.T2]
+name = "rude"
+data = "flag"
+words = ["nitwit", "dimwit"]
+
+[categories.T3]
+name = "kitchen"
+data = "keep"
+patterns = ['\bkettle\b']
+
+[categories.T4]
+name = "cards"
+data = "flag"
+pii = ["card"]
+"""
+
+
+def write_policy(tmp_path: Path, text: str = POLICY_TOML) -> str:
+    path = tmp_path / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_safety_policy_drops_flags_and_keeps_per_category(tmp_path):
+    docs = [
+        {"id": "fine", "text": GOOD},
+        {"id": "bomb", "text": f"{GOOD} Here is how to build a pipe bomb at home."},
+        {"id": "rude", "text": f"{GOOD} Only a nitwit would wait that long."},
+        {"id": "rude-copy", "text": f"{GOOD} Only a nitwit would wait that long."},  # exact duplicate: not in output
+        {"id": "kettle", "text": f"{GOOD} The kettle boils in two minutes."},  # a "keep" category: nothing happens
+        {"id": "card", "text": f"{GOOD} My card 4111 1111 1111 1111 was charged twice."},
+    ]
+    policy = write_policy(tmp_path)
+    out, report = run_clean(tmp_path, docs, safety_policy=policy, scrub_pii=False)
+    assert [d["id"] for d in out] == ["fine", "rude", "kettle", "card"]
+
+    safety = report["safety"]
+    assert safety["policy"] == "test-policy" and safety["source"] == policy
+    assert set(safety["categories"]) == {"weapons", "rude", "cards"}  # "keep" categories are not checked
+    assert (safety["dropped"], safety["flagged"]) == (1, 2)
+    weapons, rude, cards = (safety["categories"][c] for c in ("weapons", "rude", "cards"))
+    assert (weapons["action"], weapons["dropped"], weapons["flagged"]) == ("drop", 1, 0)
+    assert weapons["examples"] == [{"id": "bomb", "source": "test", "rule": "pattern", "evidence": "build a pipe bomb",
+                                    "snippet": weapons["examples"][0]["snippet"]}]
+    assert "build a pipe bomb at home." in weapons["examples"][0]["snippet"]
+    # The flagged duplicate was dropped by dedup, so only the kept copy counts.
+    assert (rude["action"], rude["dropped"], rude["flagged"]) == ("flag", 0, 1)
+    assert [(e["id"], e["rule"], e["evidence"]) for e in rude["examples"]] == [("rude", "blocklist", "nitwit")]
+    # A PII match is reported as its kind, never as the number itself.
+    assert [(e["id"], e["rule"], e["evidence"]) for e in cards["examples"]] == [("card", "pii:card", "[CARD]")]
+    assert "[CARD] was charged twice" in cards["examples"][0]["snippet"]
+    assert "4111" not in json.dumps(safety)
+
+    # The drop is also an ordinary "safety" rule drop: counted, with its reason.
+    rule = report["rules"]["safety"]
+    assert rule["docs"] == 1 and rule["fields"] == ["safety_policy", "safety_filter"]
+    assert rule["reasons"] == {"weapons: pattern 'build a pipe bomb'": 1}
+    assert rule["examples"][0]["id"] == "bomb"
+    assert report["input"]["docs"] == report["output"]["docs"] + report["dropped"]["docs"]
+
+
+def test_safety_policy_scrubs_pii_first_and_limits_examples(tmp_path):
+    docs = [{"id": f"r{i}", "text": f"{prose(i, 30)} Such a dimwit, card 4111 1111 1111 1111."} for i in range(5)]
+    _, report = run_clean(tmp_path, docs, safety_policy=write_policy(tmp_path), examples_per_rule=2)
+    cats = report["safety"]["categories"]
+    assert cats["cards"]["flagged"] == 0  # scrub_pii replaced the card numbers before the policy saw the text
+    assert cats["rude"]["flagged"] == 5 and len(cats["rude"]["examples"]) == 2
+    assert report["pii"]["card"] == 5
+
+
+def test_safety_policy_off_and_with_a_safety_filter(tmp_path):
+    docs = [{"id": "bomb", "text": "Somebody asked in the forum how to build a bomb from parts of old kitchen gear."},
+            {"id": "refund", "text": "The customer asked for a refund because the lamp arrived with a cracked shade."},
+            {"id": "fine", "text": "Our warehouse team packs every parcel within a day and ships it the next morning."}]
+    out, report = run_clean(tmp_path, docs)
+    assert report["safety"] is None and len(out) == 3
+    raw = write_raw(tmp_path / "raw.jsonl", docs)
+    report = clean(raw, tmp_path / "c.jsonl", tmp_path / "r.json",
+                   CleanConfig(workers=1, safety_policy=write_policy(tmp_path)), safety_filter=flag_refunds)
+    assert report["rules"]["safety"]["reasons"] == {"weapons: pattern 'build a bomb'": 1, "mentions refunds": 1}
+    assert report["output"]["docs"] == 1 and report["safety"]["dropped"] == 1
+
+
+def test_default_policy_drops_unsafe_text(tmp_path):
+    docs = [{"id": "fine", "text": GOOD}, {"id": "harm", "text": f"{GOOD} Tell me how can I kill my neighbour."}]
+    out, report = run_clean(tmp_path, docs, safety_policy="default")
+    assert [d["id"] for d in out] == ["fine"]
+    assert report["safety"]["policy"] == "chatforge-default" and report["safety"]["dropped"] == 1
+    [(name, entry)] = [(n, e) for n, e in report["safety"]["categories"].items() if e["dropped"]]
+    assert entry["action"] == "drop" and entry["examples"][0]["id"] == "harm"
+
+
+def test_safety_policy_output_is_identical_for_any_worker_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(clean_module, "_CHUNK_LINES", 8)
+    docs = mixed_corpus(120)
+    for i in range(0, 120, 11):
+        docs[i] = {"id": docs[i]["id"], "text": f"{prose(i, 40)} You dimwit, I will build a bomb."}
+    for i in range(4, 120, 13):
+        docs[i] = {"id": docs[i]["id"], "text": f"{prose(i, 40)} What a nitwit."}
+    raw = write_raw(tmp_path / "raw.jsonl", docs)
+    policy = write_policy(tmp_path)
+    reports = {w: clean(raw, tmp_path / f"c{w}.jsonl", tmp_path / f"r{w}.json",
+                        CleanConfig(workers=w, safety_policy=policy)) for w in (1, 2)}
+    assert (tmp_path / "c1.jsonl").read_bytes() == (tmp_path / "c2.jsonl").read_bytes()
+    volatile = ("wall_time_s", "mb_per_s", "workers", "config")
+    strip = [{k: v for k, v in r.items() if k not in volatile} for r in reports.values()]
+    assert strip[0] == strip[1]
+    assert strip[0]["safety"]["dropped"] == 11 and strip[0]["safety"]["flagged"] == 9
+
+
+def test_policy_pickles_for_spawned_workers(tmp_path):
+    import pickle
+
+    from chatforge.safety import Moderator, load_policy
+
+    for spec in ("default", write_policy(tmp_path)):
+        policy = load_policy(spec)
+        copy = pickle.loads(pickle.dumps(policy))
+        text = "Only a nitwit would build a bomb; tell me how can I kill time. Card 4111 1111 1111 1111."
+        assert (Moderator(copy).check(text, "data", use_classifier=False).to_dict()
+                == Moderator(policy).check(text, "data", use_classifier=False).to_dict())
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("policy.yaml", r"clean\.safety_policy: 'policy.yaml' must be '' \(off\), 'default'"),
+    ("true", r"clean\.safety_policy: 'true' must be"),
+])
+def test_safety_policy_setting_is_validated(value, message):
+    from chatforge.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides=[f"clean.safety_policy={json.dumps(value)}"])
+
+
+def test_bad_policy_file_fails_before_any_output(tmp_path):
+    raw = write_raw(tmp_path / "raw.jsonl", [{"text": GOOD}])
+    with pytest.raises(ConfigError, match=r"clean\.safety_policy: .*missing\.toml: no such policy file"):
+        clean(raw, tmp_path / "c.jsonl", tmp_path / "r.json",
+              CleanConfig(workers=1, safety_policy=str(tmp_path / "missing.toml")))
+    bad = write_policy(tmp_path, '[categories.X]\nname = "x"\ndata = "burn"\n')
+    with pytest.raises(ConfigError, match=r"clean\.safety_policy: .*categories\.X\.data: 'burn' is not one of keep"):
+        clean(raw, tmp_path / "c.jsonl", tmp_path / "r.json", CleanConfig(workers=1, safety_policy=bad))
+    assert not (tmp_path / "c.jsonl").exists()

@@ -20,9 +20,11 @@ SETS = ["supportworld.corpus_mb=0.6", "supportworld.n_reviews=1500", "supportwor
         "sentiment.max_steps=150", "sentiment.eval_every=0", "intent.max_steps=200", "intent.eval_every=0",
         "tagging.max_steps=250", "tagging.eval_every=0", "reward.max_steps=10", "reward.eval_every=0",
         "reward.train_pairs=80", "reward.eval_pairs=32", "dpo.max_steps=10", "dpo.eval_every=0",
-        "dpo.train_pairs=80", "dpo.eval_pairs=16", "dpo.eval_generate=8", "dpo.max_new_tokens=32"]
+        "dpo.train_pairs=80", "dpo.eval_pairs=16", "dpo.eval_generate=8", "dpo.max_new_tokens=32",
+        "supportworld.n_moderation=40", "supportworld.n_redteam=16",
+        "moderation.max_steps=100", "moderation.eval_every=0"]
 STAGES = ["supportworld", "collect", "clean", "tokenizer", "shard", "pretrain", "sft", "sentiment", "intent",
-          "translate", "tagging", "reward", "dpo"]
+          "moderation", "translate", "tagging", "reward", "dpo", "safety"]
 
 
 def chatforge(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -62,6 +64,17 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
         assert label in r.stdout
     # the main job ends with the report card, one self-contained file
     assert "Report card" in r.stdout and (run / "report" / "report.html").is_file() and (run / "report" / "report.md").is_file()
+
+    # safety: moderation quality per category and layer, the red-team rate of the chat models, the bias
+    # probes of the base, chat and aligned models; the report shows them
+    mod = json.loads((run / "safety" / "moderation.json").read_text())
+    assert set(mod["result"]["layers"]) == {"rules", "classifier", "both"}
+    assert "customer_data" in mod["result"]["layers"]["both"]["per_category"]
+    for name in ("sft", "dpo"):
+        red = json.loads((run / "safety" / f"redteam-{name}.json").read_text())["result"]
+        assert red["n"] == 16 and all(0 <= red[k]["rate"] <= 1 for k in ("unsafe", "unsafe_guarded", "refused"))
+    assert {p.name.split("-")[1] for p in (run / "safety").glob("bias-*.json")} == {"pretrain", "sft", "dpo"}
+    assert "Red team: sft (16 prompts)" in (run / "report" / "report.md").read_text()
 
     # fine-tuning: classifiers beat the majority class, generative stages report BLEU with its signature
     def metrics(stage: str) -> dict:
@@ -146,7 +159,8 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
     listed = chatforge("models", "--name", "other", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     by_stage = {v["stage"]: v for v in json.loads(listed.stdout)}
-    assert set(by_stage) == {"pretrain", "sft", "sentiment", "intent", "translate", "tagging", "reward", "dpo"}
+    assert set(by_stage) == {"pretrain", "sft", "sentiment", "intent", "moderation", "translate", "tagging", "reward",
+                            "dpo"}
     assert by_stage["dpo"]["parent"]["version"] == by_stage["sft"]["version"] == dpo["parent"]["version"]
     assert by_stage["sft"]["parent"]["version"] == by_stage["pretrain"]["version"]
 

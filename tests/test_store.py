@@ -88,7 +88,7 @@ def test_migration_matches_models_and_upgrade_is_idempotent(url, store):
         diff = compare_metadata(ctx, changed)
         assert [d[0] for d in diff] == ["add_column"] and diff[0][3].name == "nickname"
     head = store.head_revision()
-    assert store.current_revision() == head == "0001"
+    assert store.current_revision() == head == "0002"
 
     admin = sv.create_user(store, "admin", "pw", "admin")
     tables = set(inspect(store.engine).get_table_names())
@@ -797,7 +797,7 @@ def test_cli_users_import_and_upgrade(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     where = ["--runs-dir", str(runs), "--run", "demo"]
     run_cli("feedback", "db", "upgrade", *where)
-    assert "at revision 0001 (was empty)" in capsys.readouterr().out
+    assert "at revision 0002 (was empty)" in capsys.readouterr().out
     run_cli("feedback", "db", "upgrade", *where)
     assert "already up to date" in capsys.readouterr().out
     assert (runs / "demo" / "feedback.db").is_file()

@@ -171,9 +171,13 @@ def test_reviews_and_tags_split_by_product(out):
 
 
 def test_conversations_schema(out):
-    convs = every(out, "conversations")
+    everything = every(out, "conversations")
+    convs = [c for c in everything if c["intent"] != "refusal"]
+    refusals = [c for c in everything if c["intent"] == "refusal"]  # safety data (test_safety.py)
     assert len(convs) == SMALL.n_conversations
+    assert len(refusals) == round(SMALL.refusal_share * SMALL.n_conversations) > 0
     assert {c["intent"] for c in convs} == set(INTENTS)
+    assert all(set(c) == {"id", "messages", "intent", "record", "refusal_kind", "category"} for c in refusals)
     for c in convs:
         assert set(c) == {"id", "messages", "intent", "record"}
         roles = [m["role"] for m in c["messages"]]
@@ -186,7 +190,7 @@ def test_conversations_schema(out):
 
 
 def test_order_status_is_stated_in_the_answer(out):
-    convs = [c for c in every(out, "conversations") if "status" in c["record"]]
+    convs = [c for c in every(out, "conversations") if "status" in c["record"] and c["intent"] != "refusal"]
     assert len(convs) > 0.5 * SMALL.n_conversations
     for c in convs:
         answers = [m["content"] for m in c["messages"] if m["role"] == "assistant"]
@@ -203,6 +207,10 @@ def test_conversations_and_derived_sets_split_by_customer(out):
     for task, prefix in (("intents", "intent-"), ("candidates", "cand-"), ("preferences", "pref-")):
         for s, rs in rows(out, task).items():
             for r in rs:
+                if r["id"].startswith("pref-refusal-"):  # a refusal conversation's pair
+                    conv_id = r["id"].replace("pref-refusal-", "refusal-")
+                    assert split_of[conv_id] == s, (task, r["id"])
+                    continue
                 conv_id = "conv-" + r["id"].removeprefix(prefix).split("-")[0]
                 assert split_of[conv_id] == s, (task, r["id"])
 
@@ -274,7 +282,7 @@ def test_choose_qualities_for_every_size():
 
 def test_preferences_follow_the_candidate_ranking(out):
     cands = {r["id"]: r for r in every(out, "candidates")}
-    prefs = every(out, "preferences")
+    prefs = [p for p in every(out, "preferences") if not p["id"].startswith("pref-refusal-")]
     assert len(prefs) == SMALL.n_conversations * (SMALL.n_candidates - 1)
     for p in prefs:
         assert set(p) == {"id", "prompt", "chosen", "rejected"}

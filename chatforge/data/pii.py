@@ -153,3 +153,21 @@ def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
         if precheck(text, digits):
             text = pattern.sub(replace, text)
     return text, counts
+
+
+def find_pii(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> list[tuple[str, int, int]]:
+    """``(kind, start, end)`` of each validated match of ``kinds`` in ``text``, without replacing anything.
+    A span already claimed by an earlier detector (an e-mail before a phone) is not reported twice."""
+    digits = _DIGIT.search(text) is not None
+    found: list[tuple[str, int, int]] = []
+    taken: list[tuple[int, int]] = []
+    for kind, pattern, ok, precheck in _SCRUBBERS:
+        if not precheck(text, digits):
+            continue
+        for m in pattern.finditer(text):
+            if not ok(m) or any(s < m.end() and m.start() < e for s, e in taken):
+                continue
+            taken.append((m.start(), m.end()))
+            if kind in kinds:
+                found.append((kind, m.start(), m.end()))
+    return sorted(found, key=lambda f: f[1])

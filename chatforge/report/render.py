@@ -240,9 +240,13 @@ def render_html(data: ReportData, plots: dict[str, bytes]) -> str:
     if data.safety:
         parts.append("<h2>Safety</h2>")
         for s in data.safety:
-            parts.append(_generic_html({"title": s["title"] + (f" ({s['model']})" if s.get("model") else ""),
-                                        "columns": ["metric", "value"],
-                                        "rows": [[k, v] for k, v in s["metrics"].items()]}))
+            title = s["title"] + (f" ({s['model']})" if s.get("model") else "")
+            if s.get("tables"):
+                parts += [_generic_html({**t, "title": f"{title}: {t['title']}" if t["title"] else title})
+                          for t in s["tables"]]
+            else:
+                parts.append(_generic_html({"title": title, "columns": ["metric", "value"],
+                                            "rows": [[k, v] for k, v in s["metrics"].items()]}))
             if s.get("cases"):
                 cols = list(dict.fromkeys(c for x in s["cases"] for c in x))
                 parts.append(_html_table(cols, [[""] + [_td(str(c.get(k, ""))) for k in cols]
@@ -321,8 +325,10 @@ def render_markdown(data: ReportData, plot_files: dict[str, str]) -> str:
     if data.registry:
         tables.append(("Model registry", registry_tables(data.registry)))
     if data.safety:
-        tables.append(("Safety", [{"title": s["title"], "columns": ["metric", "value"],
-                                   "rows": [[k, v] for k, v in s["metrics"].items()]} for s in data.safety]))
+        tables.append(("Safety", [t for s in data.safety for t in (
+            [{**t, "title": f"{s['title']}: {t['title']}" if t["title"] else s["title"]} for t in s["tables"]]
+            if s.get("tables") else [{"title": s["title"], "columns": ["metric", "value"],
+                                      "rows": [[k, v] for k, v in s["metrics"].items()]}])]))
     for heading, ts in tables:
         out += [f"## {heading}", ""]
         for t in ts:

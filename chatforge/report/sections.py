@@ -24,7 +24,8 @@ All plain JSON-able dicts, so other modules can hand them in:
 ``eval.json`` metric named ``safety/...`` or ``safety_...``::
 
     {"title": str (optional; default the file name), "model": str (optional),
-     "metrics": {name: number}, "cases": [{"prompt": str, "answer": str, "verdict": str}, ...] (optional)}
+     "metrics": {name: number}, "cases": [{"prompt": str, "answer": str, "verdict": str}, ...] (optional),
+     "tables": [{"title", "columns", "rows", "note"?}] (optional: shown instead of the metric list)}
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def safety_results(run: RunPaths, stages: list[StageReport]) -> list[dict[str, A
         cases = obj.get("cases", [])
         if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
             raise ReportError(f"{path}: malformed safety result: 'cases' must be a list of objects")
+        tables = obj.get("tables", [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) and isinstance(t.get("columns"), list)
+                                                   and isinstance(t.get("rows"), list) for t in tables):
+            raise ReportError(f"{path}: malformed safety result: 'tables' must be a list of "
+                              "{title, columns, rows} objects")
         out.append({"title": str(obj.get("title") or path.stem), "model": obj.get("model"),
-                    "metrics": {k: v for k, v in metrics.items() if is_number(v)}, "cases": cases})
+                    "metrics": {k: v for k, v in metrics.items() if is_number(v)}, "cases": cases,
+                    "tables": [{"title": str(t.get("title", "")), "columns": [str(c) for c in t["columns"]],
+                                "rows": [list(r) for r in t["rows"]], "note": str(t.get("note", ""))}
+                               for t in tables]})
     for s in stages:
         found = {r.name: r.value for r in s.rows if r.name.startswith(("safety/", "safety_"))}
         if found:
-            out.append({"title": f"{s.name} eval.json", "model": s.label, "metrics": found, "cases": []})
+            out.append({"title": f"{s.name} eval.json", "model": s.label, "metrics": found, "cases": [],
+                        "tables": []})
     return out
 
 

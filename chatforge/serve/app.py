@@ -21,6 +21,9 @@ plain ASGI middlewares, outermost first:
 ``/docs`` and ``/openapi.json`` exist only with ``settings.docs`` (``--docs``), and
 then serve Swagger UI from the installed ``swagger-ui-bundle`` package (``docs``).
 
+With ``settings.guard_policy`` the safety guard (``guard.Guard``) is loaded onto ``state.guard``
+(unless the caller set one): both routers check prompts and filter answers through it.
+
 With ``settings.db_url`` the feedback store is opened (migrated to the newest
 schema), an ``admin`` user is created from ``admin_password`` when there is no
 admin yet, and the web app's routes and pages are mounted.
@@ -115,6 +118,15 @@ def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
         out[mid] = ServedModel(mid, model_version(path), path, engine, model.config.block_size,
                                created=int((path / WEIGHTS).stat().st_mtime))
     return out
+
+
+def _run_dir(state: ServeState) -> Path | None:
+    """The run of the first served model that belongs to one (a guard's relative classifier path is under it)."""
+    for m in state.models.values():
+        located = stage_of_model_dir(m.path)
+        if located is not None:
+            return located[0]
+    return None
 
 
 def _ensure_admin(store: Any, password: str) -> None:
@@ -304,6 +316,10 @@ def create_app(settings: ServeSettings, state: ServeState | None = None) -> Fast
     """The FastAPI app; models load now (unless ``state`` is given), engines run with the lifespan."""
     if state is None:
         state = ServeState(settings, load_models(settings))
+    if settings.guard_policy and state.guard is None:
+        from chatforge.serve.guard import Guard
+
+        state.guard = Guard.load(settings.guard_policy, base_dir=_run_dir(state))
     if settings.db_url and state.store is None:
         from chatforge.store.db import Store
 

@@ -23,6 +23,12 @@ Browsers reach the server by IP address or ``localhost``; other names must be li
 with ``--allowed-hosts`` (a DNS-rebinding defence). Behind a reverse proxy, name it in
 ``--forwarded-allow-ips`` so its ``X-Forwarded-For`` gives the client's address (the
 rate limits and the login throttle count per address); no one else's is believed.
+Safety: ``--guard POLICY`` (a policy TOML file, or ``default`` for the shipped one) checks every
+prompt and every answer against the policy while it streams (``chatforge.serve.guard``): what it
+refuses never reaches the client, and every flagged exchange goes to the review queue (the Flags
+page). Serving is unguarded unless ``--guard`` is given (a research server scores raw model
+output); ``--no-guard`` says so explicitly.
+
 ``python -m chatforge.serve.cli`` runs the same command.
 """
 
@@ -93,6 +99,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--admin-password",
                    help="create user 'admin' with this password if there is no admin yet; shows in `ps`: "
                         "prefer the CHATFORGE_ADMIN_PASSWORD environment variable")
+    guard = p.add_mutually_exclusive_group()
+    guard.add_argument("--guard", metavar="POLICY",
+                       help="check prompts and answers against a safety policy: a TOML file, or 'default' for "
+                            "the shipped policy (refuses, redacts and flags while streaming; flags go to the "
+                            "review queue)")
+    guard.add_argument("--no-guard", action="store_true",
+                       help="serve unguarded (the default): raw model output, e.g. for research and scoring")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="forward precision: auto = bf16 autocast on GPUs and AMX CPUs, else fp32")
@@ -217,6 +230,12 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             raise ChatforgeError(f"{flag} must be >= {low}, got {value}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ChatforgeError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    guard_policy = None
+    if getattr(args, "guard", None) and not getattr(args, "no_guard", False):
+        from chatforge.safety.policy import load_policy
+
+        load_policy(args.guard)  # a bad file fails now, naming the file and field, before any model loads
+        guard_policy = args.guard
     allowed = _csv(args.allowed_hosts)
     if args.host not in LOOPBACK and args.host not in ("0.0.0.0", "::"):
         allowed = tuple(dict.fromkeys((*allowed, args.host)))  # the name it was told to listen on is its own
@@ -230,6 +249,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         access_log=Path(args.access_log) if args.access_log else None,
         device=args.device, dtype=args.dtype,
         admin_password=args.admin_password or os.environ.get("CHATFORGE_ADMIN_PASSWORD") or None,
+        guard_policy=guard_policy,
     )
 
 
@@ -270,6 +290,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
               "for each name people type", file=sys.stderr)
     if settings.docs:
         print(f"API schema: {base}/docs")
+    if state.guard is not None:
+        print(f"safety guard: {state.guard.describe()}, answers held back {state.guard.policy.stream_window} "
+              "characters while streaming")
+    else:
+        print("safety guard: off (pass --guard default to check prompts and answers)")
     sys.stdout.flush()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
 

@@ -26,6 +26,14 @@ after; and at most ``inflight_per_request`` of its prompts are in the engine at 
 
 Extensions beyond OpenAI (as in vLLM): ``top_k`` and ``repetition_penalty``.
 
+Safety (``state.guard``, ``chatforge serve --guard POLICY``; see ``guard``): a chat prompt the
+policy refuses is answered with the refusal and ``finish_reason`` ``"content_filter"``
+without generating; a redacted one reaches the model redacted; answers stream through the
+guard's hold-back filter, which cuts an answer that turns unsafe before the unsafe text is
+sent. ``/v1/completions`` is guarded the same way, each prompt's text checked as a prompt.
+A guarded server refuses ``logprobs`` (they would show the withheld text). Flagged exchanges
+go to the store's review queue.
+
 Completions' logprobs list the stop token that ended a reply (as vLLM lists EOS; its text
 is not added): a scorer such as lm-eval's ``local-completions`` sends ``echo`` with
 ``max_tokens: 1`` and drops the last entry as the generated token, so without it a
@@ -44,6 +52,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -54,6 +63,14 @@ from chatforge.chat.template import render_prompt, stop_token_ids
 from chatforge.errors import ChatforgeError
 from chatforge.serve.engine import MAX_LOGPROBS, GenerationHandle, PromptTooLong, QueueFull, SamplingParams
 from chatforge.serve.fields import FieldError, get_bool, get_float, get_int, read_object
+from chatforge.serve.guard import (
+    CONTENT_FILTER,
+    AnswerFilter,
+    PromptDecision,
+    flag_rows,
+    record_flags,
+    record_flags_later,
+)
 from chatforge.serve.state import APIError, ServedModel, ServeState, client_address
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -485,6 +502,63 @@ def _chat_logprobs(tok: Any, ev: Any) -> dict[str, Any]:
     return {**entry(ev.token_id, ev.logprob), "top_logprobs": top}
 
 
+def _no_logprobs_when_guarded(state: ServeState, asked: bool, param: str) -> None:
+    if asked and state.guard is not None:
+        raise bad_request(f"{param}: not available while this server's safety guard is on (token logprobs would "
+                          "show text the guard holds back); score with a server started with --no-guard",
+                          param=param)
+
+
+def _ident(request: Request) -> str | None:
+    return getattr(request.state, "key_id", None) or getattr(request.state, "limit_id", None)
+
+
+def _flags(state: ServeState, request: Request, served: ServedModel, messages: list[dict[str, Any]],
+           prompt: PromptDecision | None, answer: AnswerFilter | None, delivered: str | None = None
+           ) -> list[dict[str, Any]]:
+    if state.guard is None:
+        return []
+    return flag_rows(state.guard, messages, prompt.verdict if prompt is not None else None, answer, source="api",
+                     delivered=delivered, model_id=served.id, model_version=served.version, ident=_ident(request))
+
+
+async def _refused_chat(request: Request, state: ServeState, served: ServedModel, messages: list[dict[str, Any]],
+                        decision: PromptDecision, stream: bool, include_usage: bool) -> Any:
+    """The answer to a prompt the guard refuses: the policy's refusal, nothing generated."""
+    assert state.guard is not None
+    refusal = state.guard.refusal
+    try:
+        n_prompt = len(render_prompt(messages, served.engine.tokenizer))
+    except ChatforgeError:
+        n_prompt = 0
+    request.state.tokens = n_prompt
+    await record_flags(state.store, _flags(state, request, served, messages, decision, None, refusal))
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": cid, "created": created, "model": served.id, "system_fingerprint": _fingerprint(served)}
+    if not stream:
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": refusal}, "logprobs": None,
+                             "finish_reason": CONTENT_FILTER}],
+                "usage": _usage(n_prompt, 0)}
+
+    async def chunks() -> AsyncIterator[str]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            c = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return _sse(c)
+
+        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"content": refusal})
+        yield chunk({}, CONTENT_FILTER)
+        if include_usage:
+            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(n_prompt, 0)})
+        yield "data: [DONE]\n\n"
+
+    return _stream_response(chunks())
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     state: ServeState = request.app.state.cf
@@ -502,6 +576,7 @@ async def chat_completions(request: Request) -> Any:
     top_lp = get_int(body, "top_logprobs", required=False, lo=0, hi=MAX_LOGPROBS)
     if top_lp is not None and not want_lp:
         raise bad_request("top_logprobs: needs logprobs: true", param="top_logprobs")
+    _no_logprobs_when_guarded(state, want_lp, "logprobs")
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     max_tokens = get_int(body, "max_completion_tokens", required=False, lo=1)
@@ -509,8 +584,12 @@ async def chat_completions(request: Request) -> Any:
     if max_tokens is None:
         max_tokens, max_param = get_int(body, "max_tokens", required=False, lo=1), "max_tokens"
     params = _sampling(body, max_tokens)
+    guard = state.guard
+    decision = guard.guard_prompt(messages) if guard is not None else None
+    if decision is not None and decision.refused:
+        return await _refused_chat(request, state, served, messages, decision, stream, include_usage)
     try:
-        ids = render_prompt(messages, tok)
+        ids = render_prompt(decision.messages if decision is not None else messages, tok)
     except ChatforgeError as e:
         raise bad_request(f"messages: {e}", param="messages") from None
     params.max_tokens = _budget(served, state, len(ids), max_tokens, "messages" if max_tokens is None else max_param)
@@ -524,9 +603,13 @@ async def chat_completions(request: Request) -> Any:
         raise
     handle = batch.handles[0]
     assert handle is not None
+    filt = guard.answer_filter(messages) if guard is not None else None  # context: the conversation as sent
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.id,
             "system_fingerprint": _fingerprint(served)}
+
+    def flags() -> list[dict[str, Any]]:
+        return _flags(state, request, served, messages, decision, filt)
 
     if stream:
         async def chunks() -> AsyncIterator[str]:
@@ -536,49 +619,75 @@ async def chat_completions(request: Request) -> Any:
                     c["usage"] = None
                 return _sse(c)
 
+            ended = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                async for _, ev in batch.events(request):
-                    lp = None
-                    if want_lp and ev.token_id >= 0:
-                        lp = {"content": [_chat_logprobs(tok, ev)]}
-                    if ev.text or lp:
-                        yield chunk({"content": ev.text}, lp=lp)
-                if not handle.done:
+                async with aclosing(batch.events(request)) as events:
+                    async for _, ev in events:
+                        lp = None
+                        if want_lp and ev.token_id >= 0:
+                            lp = {"content": [_chat_logprobs(tok, ev)]}
+                        text = ev.text if filt is None else filt.push(ev.text)
+                        if text or lp:
+                            yield chunk({"content": text}, lp=lp)
+                        if filt is not None and filt.refused:
+                            batch.cancel()  # the guard cut the answer: stop generating it
+                            break
+                refused = filt is not None and filt.refused
+                if not handle.done and not refused:
                     return  # the client left
                 request.state.tokens = handle.prompt_tokens + handle.completion_tokens
-                err = _failure(handle)
+                err = None if refused else _failure(handle)
                 if err is not None:
                     yield _sse(err.body())
                 else:
-                    yield chunk({}, handle.finish_reason)
+                    if filt is not None and (tail := filt.finish()):
+                        yield chunk({"content": tail})
+                    yield chunk({}, filt.finish_reason(handle.finish_reason) if filt else handle.finish_reason)
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(handle.prompt_tokens,
                                                                           handle.completion_tokens)})
+                ended = True
+                await record_flags(state.store, flags())
                 yield "data: [DONE]\n\n"
             finally:
                 charge.settle(handle.prompt_tokens + handle.completion_tokens)
+                if not ended and filt is not None:  # the client left: still record what was generated
+                    filt.finish()
+                    record_flags_later(state.store, flags())
 
         return _stream_response(chunks())
 
     lps: list[dict[str, Any]] = []
     try:
-        async for _, ev in batch.events(request):
-            if want_lp and ev.token_id >= 0:
-                lps.append(_chat_logprobs(tok, ev))
+        async with aclosing(batch.events(request)) as events:
+            async for _, ev in events:
+                if want_lp and ev.token_id >= 0:
+                    lps.append(_chat_logprobs(tok, ev))
+                if filt is not None:
+                    filt.push(ev.text)
+                    if filt.refused:
+                        batch.cancel()  # the guard cut the answer: stop generating it
+                        break
     finally:
         charge.settle(handle.prompt_tokens + handle.completion_tokens)
-    if not handle.done:
+    refused = filt is not None and filt.refused
+    if not handle.done and not refused:
         return JSONResponse({}, status_code=499)  # client closed the request; nobody reads this
-    err = _failure(handle)
+    err = None if refused else _failure(handle)
     if err is not None:
         raise err
     request.state.tokens = handle.prompt_tokens + handle.completion_tokens
+    content, finish = handle.text, handle.finish_reason
+    if filt is not None:
+        filt.finish()
+        content, finish = filt.delivered, filt.finish_reason(handle.finish_reason)
+        await record_flags(state.store, flags())
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": served.id,
         "system_fingerprint": _fingerprint(served),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
-                     "logprobs": {"content": lps} if want_lp else None, "finish_reason": handle.finish_reason}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "logprobs": {"content": lps} if want_lp else None, "finish_reason": finish}],
         "usage": _usage(handle.prompt_tokens, handle.completion_tokens),
     }
 
@@ -663,16 +772,31 @@ async def completions(request: Request) -> Any:
     _unsupported(body, "suffix", ("",), "suffix (insertion) is not supported")
     echo = get_bool(body, "echo")
     n_lp = get_int(body, "logprobs", required=False, lo=0, hi=MAX_LOGPROBS)
+    _no_logprobs_when_guarded(state, n_lp is not None, "logprobs")
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     max_tokens = get_int(body, "max_tokens", required=False, lo=0, default=DEFAULT_COMPLETION_TOKENS)
     base = _sampling(body, max_tokens)
+    guard = state.guard
+    # The guard reads each prompt's text as a prompt (and as the context of its completion). Refused:
+    # nothing is generated, the completion is the refusal; redacted: the model sees the redacted text.
+    prompt_verdicts: list[Any] = [None] * len(prompts)
+    refused = [False] * len(prompts)
+    if guard is not None:
+        for k, (text, _, bos) in enumerate(prompts):
+            prompt_verdicts[k], shown = guard.guard_text(text)
+            refused[k] = prompt_verdicts[k].action == "refuse"
+            if shown != text:
+                prompts[k] = (text, [tok.bos_id] * bos + tok.encode(shown), bos)
     budgets = [_budget(served, state, len(ids), max_tokens, "prompt") for _, ids, _ in prompts]
     n_prompt = sum(len(ids) for _, ids, _ in prompts)
     charge = _TokenCharge(request, state, n_prompt + sum(budgets))
-    jobs = [None if budget == 0 else  # nothing to generate (max_tokens 0: scoring only)
+    jobs = [None if budget == 0 or refused[k] else  # nothing to generate (max_tokens 0: scoring only)
             (ids, SamplingParams(**{**base.__dict__, "max_tokens": budget, "logprobs": n_lp}))
-            for (_, ids, _), budget in zip(prompts, budgets)]
+            for k, ((_, ids, _), budget) in enumerate(zip(prompts, budgets))]
+    filters: list[AnswerFilter | None] = [
+        guard.answer_filter(context=text) if guard is not None and job is not None else None
+        for (text, _, _), job in zip(prompts, jobs)]
     batch = _Batch(served, jobs, state.settings.inflight_per_request)
     try:
         # Prompt logprobs (echo + logprobs, as lm-evaluation-harness asks): one forward per prompt.
@@ -696,9 +820,34 @@ async def completions(request: Request) -> Any:
                                 [list(zip(ev.top_token_ids or [], [v for _, v in ev.top_logprobs or []]))],
                                 offsets[k])
 
+    def cut(k: int) -> bool:
+        """The guard refused prompt ``k`` or cut its completion."""
+        f = filters[k]
+        return refused[k] or (f is not None and f.refused)
+
     def finish_reason(k: int) -> str:
         h = batch.handles[k]
+        if cut(k):
+            return CONTENT_FILTER
         return "length" if h is None else str(h.finish_reason)
+
+    def guarded_text(k: int) -> str:
+        """Completion ``k`` as the client gets it."""
+        if refused[k]:
+            return guard.refusal if guard is not None else ""
+        f, h = filters[k], batch.handles[k]
+        if f is not None:
+            return f.delivered
+        return h.text if h is not None else ""
+
+    def flags() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        if guard is not None:
+            for k, (text, _, _) in enumerate(prompts):
+                rows += flag_rows(guard, [{"role": "user", "content": text}], prompt_verdicts[k], filters[k],
+                                  source="api", delivered=guard.refusal if refused[k] else None, model_id=served.id,
+                                  model_version=served.version, ident=_ident(request))
+        return rows
 
     def completion_tokens() -> int:
         return sum(h.completion_tokens for h in batch.live())
@@ -709,7 +858,21 @@ async def completions(request: Request) -> Any:
                 if h is not None and h.stop_event is not None]
 
     def failure() -> APIError | None:
-        return batch.error or next((e for h in batch.live() if (e := _failure(h)) is not None), None)
+        return batch.error or next((e for k, h in enumerate(batch.handles)
+                                    if h is not None and not cut(k) and (e := _failure(h)) is not None), None)
+
+    def push(k: int, text: str) -> str:
+        """A delta of completion ``k`` through its guard filter; a cut completion stops generating."""
+        f = filters[k]
+        if f is None:
+            return text
+        was_refused = f.refused
+        out = f.push(text)
+        if f.refused and not was_refused:
+            h = batch.handles[k]
+            if h is not None:
+                h.cancel()
+        return out
 
     if stream:
         async def chunks() -> AsyncIterator[str]:
@@ -719,14 +882,20 @@ async def completions(request: Request) -> Any:
                     c["usage"] = None
                 return _sse(c)
 
+            ended = False
             try:
                 if echo:
                     for k, (text, _, _) in enumerate(prompts):
                         yield chunk(k, text, prompt_lp[k])
-                async for k, ev in batch.events(request):
-                    lp = token_lp(k, ev) if n_lp is not None and ev.token_id >= 0 else None
-                    if ev.text or lp:
-                        yield chunk(k, ev.text, lp)
+                for k in range(len(prompts)):
+                    if refused[k] and guard is not None:
+                        yield chunk(k, guard.refusal)
+                async with aclosing(batch.events(request)) as events:
+                    async for k, ev in events:
+                        lp = token_lp(k, ev) if n_lp is not None and ev.token_id >= 0 else None
+                        text = push(k, ev.text)
+                        if text or lp:
+                            yield chunk(k, text, lp)
                 if batch.error is None and not batch.done:
                     return  # the client left
                 request.state.tokens = n_prompt + completion_tokens()
@@ -734,6 +903,9 @@ async def completions(request: Request) -> Any:
                 if err is not None:
                     yield _sse(err.body())
                 else:
+                    for k, f in enumerate(filters):
+                        if f is not None and (tail := f.finish()):
+                            yield chunk(k, tail)
                     if n_lp is not None:
                         for k, lp in stop_lps():
                             yield chunk(k, "", lp)
@@ -741,19 +913,28 @@ async def completions(request: Request) -> Any:
                         yield chunk(k, "", None, finish_reason(k))
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(n_prompt, completion_tokens())})
+                ended = True
+                await record_flags(state.store, flags())
                 yield "data: [DONE]\n\n"
             finally:
                 charge.settle(n_prompt + completion_tokens())
+                if not ended and guard is not None:  # the client left: still record what was generated
+                    for f in filters:
+                        if f is not None:
+                            f.finish()
+                    record_flags_later(state.store, flags())
 
         return _stream_response(chunks())
 
     gen_lp: list[dict[str, list[Any]]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                            "text_offset": []} for _ in prompts]
     try:
-        async for k, ev in batch.events(request):
-            if n_lp is not None and ev.token_id >= 0:
-                for key, vals in token_lp(k, ev).items():
-                    gen_lp[k][key].extend(vals)
+        async with aclosing(batch.events(request)) as events:
+            async for k, ev in events:
+                if n_lp is not None and ev.token_id >= 0:
+                    for key, vals in token_lp(k, ev).items():
+                        gen_lp[k][key].extend(vals)
+                push(k, ev.text)
     finally:
         charge.settle(n_prompt + completion_tokens())
     if batch.error is None and not batch.done:
@@ -765,10 +946,13 @@ async def completions(request: Request) -> Any:
         for k, key_vals in stop_lps():
             for key, vals in key_vals.items():
                 gen_lp[k][key].extend(vals)
+    for f in filters:
+        if f is not None:
+            f.finish()
+    await record_flags(state.store, flags())
     choices = []
     for k, (text, _, _) in enumerate(prompts):
-        h = batch.handles[k]
-        out = (text if echo else "") + (h.text if h is not None else "")
+        out = (text if echo else "") + guarded_text(k)
         lp = None
         if n_lp is not None:
             lp = gen_lp[k]

@@ -20,6 +20,7 @@ from chatforge.serve.limits import FailureThrottle, RateLimiter
 
 if TYPE_CHECKING:
     from chatforge.serve.engine import Engine
+    from chatforge.serve.guard import Guard
 
 __all__ = ["APIError", "ServeSettings", "ServeState", "ServedModel", "UnknownModel", "client_address"]
 
@@ -55,6 +56,7 @@ class ServeSettings:
     device: str = "auto"
     dtype: str = "auto"  # the engines' forward precision (see Engine)
     admin_password: str | None = None
+    guard_policy: str | None = None  # a safety policy TOML file or "default" (chatforge serve --guard); None: off
 
     @property
     def inflight_per_request(self) -> int:
@@ -98,6 +100,7 @@ class ServeState:
     models: dict[str, ServedModel]
     default_model: str = ""  # "": the first model
     store: Any = None  # chatforge.store.db.Store when settings.db_url is set
+    guard: Guard | None = None  # the safety guard (``serve.guard``), from settings.guard_policy; None: unguarded
     limiter: RateLimiter = field(init=False)  # requests per key / address
     token_limiter: RateLimiter = field(init=False)  # tokens per key / address
     login_throttle: FailureThrottle = field(init=False)  # per account + address

@@ -28,6 +28,11 @@ Why it looks the way it does:
   response only relays the queue. When the client goes away the response ends, the
   engine request is cancelled, and the task still stores what was generated (with
   finish reason "cancelled"), so no answer is lost and no slot keeps decoding.
+- With the safety guard on (``state.guard``; see ``guard``) a chat prompt the policy refuses
+  gets the refusal as the answer (stored, ``finish_reason`` "content_filter") without
+  generating; a redacted one is stored and answered redacted; the answer streams through
+  the guard's hold-back filter and what is stored is what was delivered. Flagged exchanges
+  go to the review queue (``/api/flags``, the Flags page) with the conversation and message.
 - Errors are always ``{"error": message}`` (plus ``"field"`` for a bad value) so the
   pages can show them as they are.
 - The pages are plain HTML/CSS/JS served from ``static/`` with a strict
@@ -63,6 +68,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.io import MAX_JSON_DEPTH, JSONTooDeep, parse_json
 from chatforge.serve.engine import PromptTooLong, QueueFull, SamplingParams
 from chatforge.serve.fields import FieldError, get_float, get_int, get_str, get_str_list, read_object
+from chatforge.serve.guard import RefusalHandle, flag_rows, record_flags
 from chatforge.serve.state import ServeState, client_address
 from chatforge.store import service
 from chatforge.store.export import export_feedback
@@ -70,8 +76,8 @@ from chatforge.store.export import export_feedback
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 COOKIE = "cf_session"
-PAGES = ("login", "chat", "review", "rank", "label", "admin")
-EXPORT_KINDS = ("preferences", "sft", "labels", "ratings")
+PAGES = ("login", "chat", "review", "rank", "label", "flags", "admin")
+EXPORT_KINDS = ("preferences", "sft", "labels", "ratings", "moderation")
 REVIEW_ROLES = ("reviewer", "admin")
 LABEL_ROLES = ("annotator", "admin")
 ADMIN_ROLES = ("admin",)
@@ -456,7 +462,7 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
         )
 
     def start_answer(conv: dict, history: list[dict], parent_id: int | None, body: dict,
-                     user_message_id: int | None, new_user_text: str | None) -> _RelayResponse:
+                     user_message_id: int | None, new_user_text: str | None, user: dict) -> _RelayResponse:
         """Submit the generation, then stream it; the task stores the answer when it ends."""
         model = served_model(conv["model_id"])
         params = sampling(body, model.context)
@@ -464,15 +470,26 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
         messages = as_chat(conv, history)
         if new_user_text is not None:
             messages.append({"role": "user", "content": new_user_text})
+        guard = state.guard
+        sent = messages  # the conversation as the user wrote it (the flags keep it; the answer's context)
+        decision = guard.guard_prompt(messages) if guard is not None else None
+        if decision is not None and decision.verdict.action == "redact":
+            messages = decision.messages  # the model sees it redacted, and it is stored redacted
+            if new_user_text is not None:
+                new_user_text = messages[-1]["content"]
+        filt = guard.answer_filter(sent) if guard is not None and not (decision and decision.refused) else None
         try:
-            n_prompt = len(render_prompt(messages, model.engine.tokenizer))
-            limit = state.settings.max_prompt_tokens
-            if limit is not None and n_prompt > limit:
-                raise ApiError(400, f"the conversation is {n_prompt} tokens, more than this server's limit of "
-                                    f"{limit}; start a new conversation")
-            if not explicit_max_tokens:  # a long conversation still gets an answer, just a shorter one
-                params.max_tokens = max(1, min(params.max_tokens, model.context - n_prompt))
-            handle = model.engine.chat(messages, params)
+            if decision is not None and decision.refused:
+                handle: Any = RefusalHandle(guard.refusal)  # type: ignore[union-attr]
+            else:
+                n_prompt = len(render_prompt(messages, model.engine.tokenizer))
+                limit = state.settings.max_prompt_tokens
+                if limit is not None and n_prompt > limit:
+                    raise ApiError(400, f"the conversation is {n_prompt} tokens, more than this server's limit of "
+                                        f"{limit}; start a new conversation")
+                if not explicit_max_tokens:  # a long conversation still gets an answer, just a shorter one
+                    params.max_tokens = max(1, min(params.max_tokens, model.context - n_prompt))
+                handle = model.engine.chat(messages, params)
         except PromptTooLong as e:
             raise ApiError(400, f"the conversation is too long for model {model.id!r} "
                                 f"(context {model.context} tokens): {e}; start a new conversation or lower "
@@ -483,6 +500,10 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
             raise ApiError(400, str(e)) from e
         queue: asyncio.Queue[dict] = asyncio.Queue()
 
+        def answer_text() -> str:
+            """The answer as the user got it: through the guard's filter when it is on."""
+            return filt.delivered if filt is not None else handle.text
+
         async def store_answer(reason: str) -> tuple[int | None, str | None]:
             """Store the answer; ``(message_id, None)``, or what failed. Never raises: a database error
             must end the stream like any other. A failed first try is retried once, recorded with
@@ -491,7 +512,7 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
             for finish in (reason, "error"):
                 try:
                     message_id = await run_in_threadpool(
-                        service.add_message, store, conv["id"], "assistant", handle.text, model_id=model.id,
+                        service.add_message, store, conv["id"], "assistant", answer_text(), model_id=model.id,
                         model_version=model.version, parent_id=user_message_id, finish_reason=finish)
                 except Exception as e:  # noqa: BLE001 - reported to the client and logged below
                     failures.append(describe_failure(e))
@@ -520,7 +541,14 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
                                   "streamed but not saved", conv["id"], describe_failure(e))
                 async for event in handle:
                     if event.text:
-                        queue.put_nowait({"delta": event.text})
+                        text = event.text if filt is None else filt.push(event.text)
+                        if text:
+                            queue.put_nowait({"delta": text})
+                        if filt is not None and filt.refused:
+                            handle.cancel()  # the guard cut the answer: stop generating it
+                            break
+                if filt is not None and (tail := filt.finish()):
+                    queue.put_nowait({"delta": tail})
             except Exception as e:  # noqa: BLE001 - reported to the client; the partial answer is kept
                 failed = str(e) or type(e).__name__
                 error = f"{error}; {failed}" if error else failed
@@ -536,15 +564,24 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
                         reason = handle.finish_reason or ("error" if error else "cancelled")
                         if reason == "error" and not error:
                             error = f"generation failed: {getattr(handle, 'error', None) or 'engine error'}"
+                        if filt is not None:
+                            filt.finish()  # (a no-op unless the stream broke off before its end)
+                            reason = filt.finish_reason(reason)
                         done["finish_reason"] = reason
                         # keep every answer, even a cut-short one; a failure that produced nothing is not one
-                        if user_message_id is not None and (handle.text or reason != "error"):
+                        if user_message_id is not None and (answer_text() or reason != "error"):
                             message_id, failed = await store_answer(reason)
                             if message_id is not None:
                                 done["message_id"] = message_id
                             if failed:
                                 error = f"{error}; {failed}" if error else failed
                                 done["finish_reason"] = "error"
+                        if guard is not None:
+                            await record_flags(store, flag_rows(
+                                guard, sent, decision.verdict if decision is not None else None, filt,
+                                source="web", delivered=answer_text(), model_id=model.id,
+                                model_version=model.version, ident=f"user:{user['username']}",
+                                conversation_id=conv["id"], message_id=done.get("message_id")))
                     except Exception as e:  # noqa: BLE001 - whatever broke, the stream still ends
                         log.error("conversation %s: ending the answer failed (%s)", conv["id"], describe_failure(e))
                         error = error or f"ending the answer failed ({describe_failure(e)})"
@@ -577,7 +614,7 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
         conv = await call(service.get_conversation, store, user["id"], conv_id)
         branch = current_branch(conv["messages"])
         parent = branch[-1]["id"] if branch else None
-        return start_answer(conv, branch, parent, body, None, content)
+        return start_answer(conv, branch, parent, body, None, content, user)
 
     @api.post("/conversations/{conv_id}/regenerate")
     async def regenerate(conv_id: int, request: Request, user: dict = any_user) -> Response:
@@ -588,7 +625,7 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
             branch.pop()
         if not branch:
             raise ApiError(409, f"conversation {conv_id} has no user message to answer again")
-        return start_answer(conv, branch, branch[-1]["id"], body, branch[-1]["id"], None)
+        return start_answer(conv, branch, branch[-1]["id"], body, branch[-1]["id"], None, user)
 
     @api.post("/messages/{message_id}/feedback")
     async def feedback(message_id: int, request: Request, user: dict = any_user) -> dict:
@@ -641,6 +678,38 @@ def mount_web(app: FastAPI, state: ServeState) -> None:
             raise ApiError(422, "field 'value' must be an object of field name -> value", "value")
         await call(service.submit_label, store, user["id"], assignment_id, value)
         return {"ok": True}
+
+    # ---- safety flags: the guard's review queue
+
+    categories_cache: list[list[str]] = []
+
+    def flag_categories() -> list[str]:
+        """The categories a reviewer can pick: the guard's policy's, else the shipped policy's."""
+        if state.guard is not None:
+            return state.guard.policy.names
+        if not categories_cache:
+            from chatforge.safety.policy import load_policy
+
+            categories_cache.append(load_policy().names)
+        return categories_cache[0]
+
+    @api.get("/flags")
+    async def flags(status: str = "pending", limit: int = 50, user: dict = reviewer) -> dict:
+        if status not in ("pending", "confirmed", "cleared", "all"):
+            raise ApiError(422, f"status must be pending, confirmed, cleared or all, got {status!r}", "status")
+        found = await call(service.list_flags, store, None if status == "all" else status, limit)
+        return {"flags": found, "counts": await call(service.flag_counts, store), "categories": flag_categories(),
+                "guard": state.guard.describe() if state.guard is not None else None}
+
+    @api.post("/flags/{flag_id}/decide")
+    async def decide_flag(flag_id: int, request: Request, user: dict = reviewer) -> dict:
+        body = await json_body(request)
+        decision = get_str(body, "decision")
+        category = get_str(body, "category", required=False)
+        if category and category not in flag_categories():
+            raise ApiError(422, f"category {category!r} is not one of the policy's: {', '.join(flag_categories())}",
+                           "category")
+        return await call(service.decide_flag, store, flag_id, user["id"], decision, category or None)
 
     # ---- admin
 

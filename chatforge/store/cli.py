@@ -1,6 +1,7 @@
 """``chatforge feedback ...``: manage the feedback store from the shell.
 
     chatforge feedback export [--db URL | --run NAME] --out DIR [--kind K ...] [--min-rating X]
+    chatforge feedback export --kind moderation --out DIR   (reviewed safety flags as {"text", "label"})
     chatforge feedback users add USERNAME --role R [--password P]   (asks for it if not given)
     chatforge feedback users list
     chatforge feedback users set-role USERNAME ROLE
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
 from chatforge.io import MAX_JSON_DEPTH, read_jsonl
-from chatforge.store.constants import EXPORT_KINDS, ROLES
+from chatforge.store.constants import ALL_EXPORT_KINDS, ROLES
 
 if TYPE_CHECKING:
     from chatforge.store.db import Store
@@ -62,7 +63,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     try:
         from chatforge.store.export import export_feedback
 
-        counts = export_feedback(store, Path(args.out), kinds=args.kind or EXPORT_KINDS, min_rating=args.min_rating)
+        counts = export_feedback(store, Path(args.out), kinds=args.kind or ALL_EXPORT_KINDS,
+                                 min_rating=args.min_rating)
     finally:
         store.close()
     for kind, n in counts.items():
@@ -190,11 +192,13 @@ def add_feedback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     fb = sub.add_parser("feedback", help="human feedback store: users, datasets, export to training data")
     fb_sub = fb.add_subparsers(dest="action", required=True)
 
-    ex = fb_sub.add_parser("export", help="write preferences/sft/labels/ratings JSONL from the collected feedback")
+    ex = fb_sub.add_parser("export", help="write preferences/sft/labels/ratings/moderation JSONL from the collected "
+                                          "feedback")
     _db_args(ex)
     ex.add_argument("--out", required=True, help="output directory")
-    ex.add_argument("--kind", action="append", choices=EXPORT_KINDS,
-                    help="what to export (repeatable; default: all)")
+    ex.add_argument("--kind", action="append", choices=ALL_EXPORT_KINDS,
+                    help="what to export (repeatable; default: all); moderation = reviewed safety flags as "
+                         "{\"text\", \"label\", \"place\", \"source\"} for the moderation classifier")
     ex.add_argument("--min-rating", type=float, default=4.0,
                     help="sft keeps rated answers whose mean rating is at least this (default 4.0)")
     ex.set_defaults(func=cmd_export)

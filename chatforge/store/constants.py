@@ -5,4 +5,6 @@ ROLES = ("admin", "reviewer", "annotator")
 DATASET_KINDS = ("prompts", "items")
 ASSIGNMENT_KINDS = ("rate", "rank", "label")
 RATING_ASPECTS = ("fluency", "coherence", "relevance", "appropriateness")
-EXPORT_KINDS = ("preferences", "sft", "labels", "ratings")
+EXPORT_KINDS = ("preferences", "sft", "labels", "ratings")  # training data for the chat model (the default)
+MODERATION_KIND = "moderation"  # reviewed safety flags, as the moderation classifier's {"text", "label"} data
+ALL_EXPORT_KINDS = (*EXPORT_KINDS, MODERATION_KIND)

@@ -11,8 +11,13 @@
 - ``labels.jsonl``: ``{"text", "label", "meta"}``, one row per submitted label (a
   single-field schema's label is that field's value, else the whole value object).
 - ``ratings.jsonl``: one row per rating with the prompt, the response and every aspect.
+- ``moderation.jsonl`` (asked for by name, not in the default kinds): ``{"text", "label",
+  "place", "source": "review"}``, one row per reviewed safety flag, the format the
+  moderation classifier trains on: the flagged text (the user's message for a prompt
+  flag, the answer as generated for an answer flag) labelled with the category the
+  reviewer confirmed, or ``safe`` when they cleared it. Pending flags are not exported.
 
-``meta`` always says where a row came from (source, user, timestamps, model ids), so
+Except in ``moderation.jsonl``, ``meta`` says where a row came from (source, user, timestamps, model ids), so
 a training run can filter or weight by it. Everything is read in one snapshot and
 every file is written atomically (temp file + rename): a crash leaves the previous
 export intact, never a half-written file.
@@ -29,7 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from chatforge.io import write_jsonl
-from chatforge.store.constants import EXPORT_KINDS
+from chatforge.store.constants import ALL_EXPORT_KINDS, EXPORT_KINDS
 from chatforge.store.db import Store
 from chatforge.store.models import (
     RATING_ASPECTS,
@@ -44,9 +49,10 @@ from chatforge.store.models import (
     Ranking,
     Rating,
     Response,
+    SafetyFlag,
     User,
 )
-from chatforge.store.service import Invalid
+from chatforge.store.service import Invalid, flag_text
 
 
 def _iso(dt: Any) -> str | None:
@@ -218,18 +224,30 @@ def _ratings(s: Session, min_rating: float) -> Iterator[dict[str, Any]]:
                         "created_at": _iso(rt.created_at)}}
 
 
-_BUILDERS = {"preferences": _preferences, "sft": _sft, "labels": _labels, "ratings": _ratings}
+def _moderation(s: Session, min_rating: float) -> Iterator[dict[str, Any]]:
+    rows = s.scalars(select(SafetyFlag).where(SafetyFlag.status != "pending").order_by(SafetyFlag.id))
+    for f in rows:
+        text = flag_text(f.place, f.prompt, f.answer_generated)
+        if not text.strip():
+            continue
+        label = (f.reviewer_category or f.category) if f.status == "confirmed" else "safe"
+        yield {"text": text, "label": label, "place": f.place, "source": "review"}
+
+
+_BUILDERS = {"preferences": _preferences, "sft": _sft, "labels": _labels, "ratings": _ratings,
+             "moderation": _moderation}
 
 
 def export_feedback(store: Store, out_dir: Path, kinds: Sequence[str] = EXPORT_KINDS,
                     min_rating: float = 4.0) -> dict[str, int]:
-    """Write ``<kind>.jsonl`` under ``out_dir`` for each of ``kinds``; returns rows per kind."""
+    """Write ``<kind>.jsonl`` under ``out_dir`` for each of ``kinds`` (any of ``ALL_EXPORT_KINDS``; the
+    default is the chat model's training data, ``EXPORT_KINDS``); returns rows per kind."""
     if isinstance(kinds, str):
         kinds = (kinds,)
-    unknown = [k for k in kinds if k not in EXPORT_KINDS]
+    unknown = [k for k in kinds if k not in ALL_EXPORT_KINDS]
     if unknown or not kinds:
-        raise Invalid("kinds", f"unknown export kind {unknown[0]!r}; choose from {', '.join(EXPORT_KINDS)}"
-                      if unknown else f"choose at least one of {', '.join(EXPORT_KINDS)}")
+        raise Invalid("kinds", f"unknown export kind {unknown[0]!r}; choose from {', '.join(ALL_EXPORT_KINDS)}"
+                      if unknown else f"choose at least one of {', '.join(ALL_EXPORT_KINDS)}")
     if isinstance(min_rating, bool) or not isinstance(min_rating, int | float) or not 1 <= min_rating <= 5:
         raise Invalid("min_rating", f"must be a number from 1 to 5, got {min_rating!r}")
     out_dir = Path(out_dir)

@@ -8,15 +8,17 @@ Three groups of tables:
   sibling of the first, sharing its ``parent_id``) with per-user ``message_feedback``;
 - review work: ``datasets`` of ``prompts`` (to answer, then rate/rank) or ``items``
   (to label), model ``responses``, ``label_schemas``, ``assignments`` (one unit of
-  work for one user) and their results ``ratings``, ``rankings`` and ``labels``.
+  work for one user) and their results ``ratings``, ``rankings`` and ``labels``;
+- safety: ``safety_flags``, the exchanges the serving guard (``chatforge.serve.guard``)
+  found something in, with what was generated and delivered, and a reviewer's decision.
 
 Integrity lives in the database, not only in Python: unique constraints make a
 double submit or a duplicate assignment fail instead of adding a row, CHECK
 constraints bound roles, kinds and scores. Every timestamp is UTC (stored naive
 on SQLite, read back timezone-aware).
 
-The schema is created by the Alembic migration ``migrations/versions/0001_initial.py``;
-a test checks that the migration and these models agree.
+The schema is created by the Alembic migrations in ``migrations/versions/`` (``0001_initial``,
+``0002_safety_flags``); a test checks that the migrations and these models agree.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ NAMING_CONVENTION = {
 }
 
 ASSIGNMENT_STATUSES = ("pending", "done")
+FLAG_PLACES = ("prompt", "answer")
+FLAG_STATUSES = ("pending", "confirmed", "cleared")
 
 
 def utcnow() -> datetime:
@@ -298,3 +302,44 @@ class Label(Base):
     schema_id: Mapped[int] = mapped_column(ForeignKey("label_schemas.id"))
     value: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# --------------------------------------------------------------------------- safety
+
+
+class SafetyFlag(Base):
+    """One exchange the serving guard found something in (any finding, any action, prompt or answer).
+
+    ``answer_generated`` is what the model wrote (the unsafe original: for reviewers only, never
+    shown to the user); ``answer_delivered`` is what the client got (redacted, cut, or the
+    refusal). A reviewer confirms it (``reviewer_category``: the category it really is) or
+    clears it (a false alarm); decided flags are the moderation classifier's training data."""
+
+    __tablename__ = "safety_flags"
+    __table_args__ = (
+        CheckConstraint(_in("place", FLAG_PLACES), name="place"),
+        CheckConstraint(_in("status", FLAG_STATUSES), name="status"),
+        Index("ix_safety_flags_status_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(16))  # "api" or "web"
+    place: Mapped[str] = mapped_column(String(16))
+    category: Mapped[str] = mapped_column(String(64))  # the category deciding the action
+    layer: Mapped[str] = mapped_column(String(16))  # rules | classifier
+    action: Mapped[str] = mapped_column(String(16))  # allow | flag | redact | refuse
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # every finding: rule, span, evidence
+    policy: Mapped[str | None] = mapped_column(String(200))  # the policy's name and version
+    prompt: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # the messages as the client sent them
+    answer_generated: Mapped[str | None] = mapped_column(Text)
+    answer_delivered: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id", ondelete="SET NULL"))
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
+    ident: Mapped[str | None] = mapped_column(String(200))  # user:NAME, key:HASH or ip:ADDRESS
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reviewer_category: Mapped[str | None] = mapped_column(String(64))

@@ -48,6 +48,8 @@ from chatforge.store.db import Store
 from chatforge.store.models import (
     ASSIGNMENT_KINDS,
     DATASET_KINDS,
+    FLAG_PLACES,
+    FLAG_STATUSES,
     RATING_ASPECTS,
     ROLES,
     ApiKey,
@@ -64,6 +66,7 @@ from chatforge.store.models import (
     Ranking,
     Rating,
     Response,
+    SafetyFlag,
     User,
     utcnow,
 )
@@ -76,6 +79,7 @@ __all__ = [
     "get_conversation", "message_content", "add_message", "set_message_feedback", "import_dataset", "list_datasets",
     "create_label_schema", "list_label_schemas", "prompts_needing_responses", "add_response", "assign",
     "next_assignment", "submit_rating", "submit_ranking", "submit_label", "progress", "agreement",
+    "record_flag", "list_flags", "next_flag", "flag_counts", "decide_flag", "flag_text",
 ]
 
 SESSION_TTL = timedelta(days=7)  # a login lasts at most this long ...
@@ -1018,3 +1022,138 @@ def agreement(store: Store, dataset_id: int) -> dict[str, Any]:
         if label:
             out["label"] = label
         return out
+
+
+# --------------------------------------------------------------------------- safety flags
+
+FLAG_DECISIONS = ("confirmed", "cleared")
+FLAG_ROLES = ("reviewer", "admin")
+CATEGORY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # a policy category name (it becomes a label)
+MAX_FLAGS_LISTED = 200
+
+
+def _storable(value: Any) -> Any:
+    """JSON with the characters no backend stores (``UNSTORABLE``) removed from every string: flags hold
+    model output and text exactly as clients sent it, which the guard looked at before any other check."""
+    if isinstance(value, str):
+        return UNSTORABLE.sub("", value)
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _storable(v) for k, v in value.items()}
+    return value
+
+
+def _category(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not CATEGORY_RE.match(value) or value == "safe":
+        raise Invalid(field, f"{value!r} is not a category name (lower_snake_case, not 'safe')")
+    return value
+
+
+def flag_text(place: str, prompt: list[dict[str, Any]], answer_generated: str | None) -> str:
+    """The text a flag is about: the latest user message for a prompt flag, the answer as generated for an
+    answer flag (what the moderation classifier learns from)."""
+    if place == "answer":
+        return answer_generated or ""
+    return next((str(m.get("content", "")) for m in reversed(prompt) if m.get("role") == "user"), "")
+
+
+def record_flag(store: Store, *, place: str, category: str, layer: str, action: str,
+                findings: list[dict[str, Any]], prompt: list[dict[str, Any]], answer_generated: str | None = None,
+                answer_delivered: str | None = None, source: str = "api", policy: str | None = None,
+                model_id: str | None = None, model_version: str | None = None, conversation_id: int | None = None,
+                message_id: int | None = None, ident: str | None = None) -> int:
+    """Store one flagged exchange (pending review); returns its id."""
+    _choice(place, "place", FLAG_PLACES)
+    _choice(source, "source", ("api", "web"))
+    if not isinstance(findings, list) or not isinstance(prompt, list):
+        raise Invalid("findings" if not isinstance(findings, list) else "prompt", "must be a list")
+    row = SafetyFlag(
+        source=source, place=place, category=_text(category, "category", 64), layer=_text(layer, "layer", 16,
+                                                                                          allow_empty=True),
+        action=_text(action, "action", 16), findings=_storable(findings), prompt=_storable(prompt),
+        policy=_opt_text(policy, "policy", MAX_NAME_CHARS),
+        answer_generated=None if answer_generated is None else _text(answer_generated, "answer_generated",
+                                                                     allow_empty=True, generated=True),
+        answer_delivered=None if answer_delivered is None else _text(answer_delivered, "answer_delivered",
+                                                                     allow_empty=True, generated=True),
+        model_id=_opt_text(model_id, "model_id", MAX_NAME_CHARS), model_version=_opt_text(model_version,
+                                                                                          "model_version", 64),
+        conversation_id=conversation_id, message_id=message_id, ident=_opt_text(ident, "ident", MAX_NAME_CHARS),
+        status="pending")
+    with store.session() as s:
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def _flag_dict(f: SafetyFlag, users: dict[int, str]) -> dict[str, Any]:
+    return {"id": f.id, "created_at": _iso(f.created_at), "source": f.source, "place": f.place,
+            "category": f.category, "layer": f.layer, "action": f.action, "findings": f.findings,
+            "policy": f.policy, "prompt": f.prompt, "text": flag_text(f.place, f.prompt, f.answer_generated),
+            "answer_generated": f.answer_generated, "answer_delivered": f.answer_delivered,
+            "model_id": f.model_id, "model_version": f.model_version, "conversation_id": f.conversation_id,
+            "message_id": f.message_id, "ident": f.ident, "status": f.status,
+            "reviewer": users.get(f.reviewer_id) if f.reviewer_id is not None else None,
+            "reviewed_at": _iso(f.reviewed_at), "reviewer_category": f.reviewer_category}
+
+
+def list_flags(store: Store, status: str | None = "pending", limit: int = 50) -> list[dict[str, Any]]:
+    """Flags with ``status`` (None: all), oldest first, at most ``limit`` (up to ``MAX_FLAGS_LISTED``)."""
+    if status is not None:
+        _choice(status, "status", FLAG_STATUSES)
+    limit = _int(limit, "limit", 1)
+    with store.session(write=False) as s:
+        q = select(SafetyFlag)
+        if status is not None:
+            q = q.where(SafetyFlag.status == status)
+        rows = list(s.scalars(q.order_by(SafetyFlag.id).limit(min(limit, MAX_FLAGS_LISTED))))
+        users = _usernames_of(s, {f.reviewer_id for f in rows if f.reviewer_id is not None})
+        return [_flag_dict(f, users) for f in rows]
+
+
+def next_flag(store: Store) -> dict[str, Any] | None:
+    """The oldest pending flag, or None."""
+    found = list_flags(store, "pending", 1)
+    return found[0] if found else None
+
+
+def flag_counts(store: Store) -> dict[str, int]:
+    """How many flags have each status."""
+    with store.session(write=False) as s:
+        got = dict(s.execute(select(SafetyFlag.status, func.count()).group_by(SafetyFlag.status)).all())
+    return {st: int(got.get(st, 0)) for st in FLAG_STATUSES}
+
+
+def _usernames_of(s: Session, ids: set[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    return dict(s.execute(select(User.id, User.username).where(User.id.in_(ids))).all())
+
+
+def decide_flag(store: Store, flag_id: int, reviewer_id: int, decision: str,
+                category: str | None = None) -> dict[str, Any]:
+    """A reviewer's decision on a pending flag: ``confirmed`` (it is ``category``, default the flag's own)
+    or ``cleared`` (a false alarm: the text is safe). A flag is decided once: deciding it again is a
+    ``Conflict`` naming who decided it (two reviewers racing get one decision and one Conflict)."""
+    _choice(decision, "decision", FLAG_DECISIONS)
+    if category is not None:
+        category = _category(category, "category")
+    with store.session() as s:
+        reviewer = _get(s, User, reviewer_id, "user", field="reviewer_id")
+        if reviewer.role not in FLAG_ROLES:
+            raise Forbidden(f"deciding safety flags needs the role {' or '.join(FLAG_ROLES)}; user "
+                            f"{reviewer.username!r} is {reviewer.role}")
+        flag = _get(s, SafetyFlag, flag_id, "safety flag", field="flag_id")
+        chosen = (category or flag.category) if decision == "confirmed" else None
+        done = s.execute(update(SafetyFlag).where(SafetyFlag.id == flag.id, SafetyFlag.status == "pending")
+                         .values(status=decision, reviewer_id=reviewer.id, reviewed_at=utcnow(),
+                                 reviewer_category=chosen)
+                         .execution_options(synchronize_session=False))
+        if done.rowcount != 1:
+            s.refresh(flag)
+            by = _usernames_of(s, {flag.reviewer_id} if flag.reviewer_id is not None else set())
+            raise Conflict(f"safety flag {flag.id} was already decided ({flag.status} by "
+                           f"{by.get(flag.reviewer_id, 'someone')})")
+        s.refresh(flag)
+        return _flag_dict(flag, {reviewer.id: reviewer.username})

@@ -11,6 +11,9 @@ a given config:
 * ``candidates/`` — ranked candidate answers per support prompt;
 * ``preferences/`` — TRL preference pairs derived from the candidates;
 * ``translation/`` — English -> Spanish shop phrases;
+* ``safety/`` — moderation examples ``{"text", "label"}`` (``safe`` and the default policy's categories)
+  and ``redteam.jsonl``, held-out prompts that must be refused (``safety.py``); refusal conversations
+  (intent ``refusal``) are part of ``conversations/`` and their pairs of ``preferences/``;
 * ``tags/`` — BIO product-attribute tagging, split by product;
 * ``supportworld.json`` — the manifest: config, row counts, label distributions.
 
@@ -33,6 +36,7 @@ from chatforge.data.supportworld.conversations import QUALITY_ORDER, generate_co
 from chatforge.data.supportworld.corpus import corpus_docs, interleave
 from chatforge.data.supportworld.notes import record_notes, support_transcripts
 from chatforge.data.supportworld.reviews import generate_reviews
+from chatforge.data.supportworld.safety import moderation_rows, redteam_rows, refusal_conversations
 from chatforge.data.supportworld.tags import TAGS, generate_tags
 from chatforge.data.supportworld.text import rng_for
 from chatforge.data.supportworld.translation import generate_translations
@@ -42,8 +46,8 @@ from chatforge.io import write_json, write_jsonl
 
 __all__ = ["VERSION", "TASKS", "generate"]
 
-VERSION = "1.1"  # 1.1: compact system record; every conversation at most MAX_CONVERSATION_CHARS
-TASKS = ("reviews", "conversations", "intents", "candidates", "preferences", "translation", "tags")
+VERSION = "1.2"  # 1.1: compact system record; every conversation at most MAX_CONVERSATION_CHARS; 1.2: safety data
+TASKS = ("reviews", "conversations", "intents", "candidates", "preferences", "translation", "tags", "safety")
 LABEL_RULE = "reviews: stars 1-2 negative, 3 neutral, 4-5 positive (stars rate the product, not the delivery)"
 
 
@@ -56,6 +60,11 @@ def _check(cfg: SupportWorldConfig) -> None:
                           f"{cfg.record_notes + cfg.transcripts} must be < 1 (the rest is help and product pages)")
     if cfg.corpus_mb <= 0:
         raise ConfigError(f"supportworld.corpus_mb: {cfg.corpus_mb} must be > 0")
+    for name in ("n_moderation", "n_redteam"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"supportworld.{name}: {getattr(cfg, name)} must be >= 0")
+    if not 0 <= cfg.refusal_share < 1:
+        raise ConfigError(f"supportworld.refusal_share: {cfg.refusal_share} must be in [0, 1)")
     for name in ("n_products", "n_customers", "n_reviews", "n_conversations", "n_translations"):
         if getattr(cfg, name) < 10:
             raise ConfigError(f"supportworld.{name}: {getattr(cfg, name)} must be at least 10")
@@ -147,6 +156,19 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
                                     "label": conv.intent})
         cands[conv.split].append(cand_row)
         prefs[conv.split].extend(preference_rows(cand_row))
+    # Refusal conversations join the support conversations (SFT) and give preference pairs: the refusal
+    # against complying. They are not intents of the intent classifier (the customer asked for something).
+    safe_texts: dict[str, list[tuple[str, str]]] = {
+        s: [("prompt", r["messages"][1]["content"]) for r in rows] + [("answer", r["messages"][-1]["content"])
+                                                                       for r in rows if r["messages"][-1]["role"]
+                                                                       == "assistant"]
+        for s, rows in convs.items()}
+    for row in refusal_conversations(world, rng_for(cfg.seed, "refusals"),
+                                     round(cfg.refusal_share * cfg.n_conversations)):
+        split, rejected = row.pop("split"), row.pop("rejected")
+        convs[split].append(row)
+        prefs[split].append({"id": row["id"].replace("refusal-", "pref-refusal-"), "prompt": row["messages"][:2],
+                             "chosen": [row["messages"][2]], "rejected": [{"role": "assistant", "content": rejected}]})
     # A held-out intent text that also occurs in train would test memory, not understanding: drop it.
     train_texts = {_norm(r["text"]) for r in intents["train"]}
     dropped = {s: sum(_norm(r["text"]) in train_texts for r in intents[s]) for s in ("val", "test")}
@@ -160,6 +182,15 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
     labels["candidates"] = {s: dict(sorted(collections.Counter(c["quality"] for r in rows
                                                                for c in r["candidates"]).items()))
                             for s, rows in cands.items()}
+
+    safety = _by_split(moderation_rows(world, rng_for(cfg.seed, "moderation"), cfg.n_moderation, safe_texts)) \
+        if cfg.n_moderation else {s: [] for s in SPLITS}
+    if cfg.n_moderation:
+        _write_splits(out_dir / "safety", safety, files, out_dir)
+        labels["safety"] = _counts(safety, "label")
+    redteam_path = out_dir / "safety" / "redteam.jsonl"
+    n_red = write_jsonl(redteam_path, redteam_rows(world, rng_for(cfg.seed, "redteam"), cfg.n_redteam))
+    files["safety/redteam.jsonl"] = {"rows": n_red, "bytes": redteam_path.stat().st_size}
 
     translations = _by_split(generate_translations(cfg.seed, cfg.n_translations, cfg.val_fraction,
                                                    cfg.test_fraction))
@@ -178,6 +209,7 @@ def generate(cfg: SupportWorldConfig, out_dir: Path) -> dict[str, Path]:
             "customers": dict(collections.Counter(world.customer_split[c.id] for c in world.customers)),
             "split_by": {"reviews": "product", "tags": "product", "conversations": "customer",
                          "intents": "customer", "candidates": "customer", "preferences": "customer",
+                         "safety": "template (held-out templates for val/test; red-team templates only in redteam)",
                          "translation": "sentence"},
         },
         "labels": labels,

@@ -146,7 +146,8 @@ async function streamAnswer(path, body, question = null) {
       if (event.error) { error = event.error; setStatus(status, event.error, "error"); }
       if (event.done) { done = event; finish = event.finish_reason; }
     }, controller.signal);
-    if (finish) setStatus(status, error || (finish === "length" ? "stopped at the token limit" : ""),
+    if (finish) setStatus(status, error || (finish === "length" ? "stopped at the token limit"
+                                            : finish === "content_filter" ? "the safety policy stopped this answer" : ""),
                           finish === "error" || error ? "error" : "");
   } catch (err) {
     refused = !controller.signal.aborted;

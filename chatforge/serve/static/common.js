@@ -101,6 +101,7 @@ const CF = (() => {
     { href: "/review", label: "Rate", roles: ["reviewer", "admin"] },
     { href: "/rank", label: "Rank", roles: ["reviewer", "admin"] },
     { href: "/label", label: "Label", roles: ["annotator", "admin"] },
+    { href: "/flags", label: "Flags", roles: ["reviewer", "admin"] },  // the safety guard's review queue
     { href: "/admin", label: "Admin", roles: ["admin"] },
     { href: "/report", label: "Report", roles: null },  // the run's report card (chatforge report)
   ];
