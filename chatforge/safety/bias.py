@@ -739,7 +739,7 @@ def store_bias_result(result: dict[str, Any], out: str | Path | None = None) -> 
         safety = run / "safety" / f"bias-{label}.json"
         cases = [c for r in (result.get("chat") or {}).values() for c in r["cases"]][:N_CASES]
         write_json(safety, {"title": "Bias probes", "model": label, "metrics": result["metrics"], "cases": cases,
-                            "source": str(path)})
+                            "tables": [bias_table({label: result})], "source": str(path)})
         result["safety_path"] = str(safety)
         from chatforge.registry import Registry, RegistryError
 
@@ -763,6 +763,39 @@ def _fmt(est: dict[str, Any] | None, pct: bool = False, signed: bool = True) -> 
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{x:.3f}")
     ci = f" [{f(est['lo'])}, {f(est['hi'])}]" if est.get("lo") is not None else ""
     return f"{f(est['value'])}{ci}"
+
+
+def bias_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(measure, formatted value with its 95% interval)``: the headline rows of one model's probes."""
+    rows = []
+    for axis, r in (result.get("likelihood") or {}).items():
+        rows.append((f"{axis}: mean |log-likelihood gap| per token", _fmt(r["mean_abs_diff_per_token"], signed=False)))
+    for axis, r in ((result.get("classifier") or {}).get("axes") or {}).items():
+        rows.append((f"{axis}: classifier label flips", _fmt(r["flip_rate"], True)))
+    for axis, r in (result.get("chat") or {}).items():
+        rows.append((f"{axis}: chat answers differ", _fmt(r["answers_differ"], True)))
+        rows.append((f"{axis}: chat refusal-rate gap", _fmt(r["refusal_gap"])))
+    for part in ("stereotype", "crows_pairs", "bbq"):
+        r = result.get(part)
+        if not r:
+            continue
+        if part == "bbq":
+            for cond in ("ambig", "disambig"):
+                rows.append((f"BBQ {cond}: accuracy", _fmt(r["accuracy"][cond], True)))
+                rows.append((f"BBQ {cond}: bias score", _fmt(r["bias_score"][cond])))
+        else:
+            rows.append((f"{part.replace('_', '-')}: prefers the stereotype", _fmt(r["pct_stereotype"], True)))
+    return rows
+
+
+def bias_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One table, a column per model (``label -> evaluate_bias result``): the base, chat and aligned models
+    side by side (what the report's safety section shows)."""
+    per = {label: dict(bias_rows(r)) for label, r in results.items()}
+    measures = list(dict.fromkeys(k for rows in per.values() for k in rows))
+    return {"title": "", "columns": ["measure", *results],
+            "rows": [[m, *(per[label].get(m, "-") for label in results)] for m in measures],
+            "note": "95% intervals (cluster bootstrap for means, Wilson for rates); 0 / 50% (stereotype) = no gap"}
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -119,14 +119,21 @@ def evaluate_safety(cfg: Any, run: Any, models: list[tuple[str, Path]],
         out[f"{name}_unsafe_guarded"] = res["unsafe_guarded"]["rate"]
     out["redteam_prompts"] = len(red_rows)
     if bias_models:
-        from chatforge.safety.bias import bias_metrics, evaluate_bias
+        from chatforge.io import write_json
+        from chatforge.safety.bias import bias_metrics, bias_table, evaluate_bias
 
         sentiment = run.stage("finetune/sentiment").model
+        results = {}
         for name, model_dir in bias_models:
             result = evaluate_bias(model_dir, classifier=sentiment if (sentiment / "config.json").is_file() else None)
+            results[name] = result
             m = bias_metrics(result)
             for k in ("bias/likelihood/gender/mean_abs_diff_per_token", "bias/classifier/gender/flip_rate",
                       "bias/stereotype/pct_stereotype", "bias/chat/gender/answers_differ"):
                 if m.get(k) is not None:
                     out[f"{name}_{k.removeprefix('bias/').replace('/', '_')}"] = m[k]
+        # The models side by side; the per-model files (bias-<stage>-<version>.json) hold each one's detail.
+        write_json(run.root / "safety" / "bias.json",
+                   {"title": f"Bias probes: {', '.join(results)}", "metrics": {}, "cases": [],
+                    "tables": [bias_table(results)]})
     return out
