@@ -444,6 +444,10 @@ PRESETS: dict[str, dict[str, Any]] = {
              # The shipped safety policy's data actions in the clean stage (rules only): on the SupportWorld
              # corpus it drops and flags nothing, and costs ~1.4 s per MB per core (3-5 s of the main job here)
              "clean.safety_policy": "default",
+             # The moderation classifier: 150 steps with mean pooling reach macro-F1 0.95 on held-out grammar
+             # combinations in ~55 s; 300 steps with last-token pooling 0.97 in ~100 s (AMX Xeon, 2 cores)
+             "moderation.max_steps": 150, "moderation.pooling": "mean", "moderation.checkpoint_every": 150,
+             "moderation.eval_every": 0,
              "model.depth": 4, "model.n_embd": 128, "model.n_head": 4, "model.block_size": 512,
              "model.qk_norm": False, "model.logit_softcap": 0.0,
              "pretrain.batch_size": 4, "pretrain.max_steps": 700, "pretrain.lr": 3e-3,

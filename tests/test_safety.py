@@ -12,7 +12,7 @@ import pytest
 from chatforge.config import SupportWorldConfig
 from chatforge.data.pii import find_pii
 from chatforge.data.supportworld import generate
-from chatforge.data.supportworld.safety import ASKS, REFUSAL_KINDS, card_number, template_ids
+from chatforge.data.supportworld.safety import _COMBOS, ASKS, REFUSAL_KINDS, _bare, card_number
 from chatforge.errors import ConfigError
 from chatforge.eval.checks import SupportChecks
 from chatforge.safety import Moderator, load_policy, redact
@@ -163,12 +163,15 @@ def test_card_numbers_are_luhn_valid_and_caught_by_the_privacy_rule() -> None:
         assert v.category == "privacy" and v.action == "redact"
 
 
-def test_template_pools_are_disjoint_and_every_pool_has_templates() -> None:
-    for kind in REFUSAL_KINDS:
-        pools = {use: set(template_ids(ASKS[kind], use)) for use in ("train", "eval", "redteam")}
-        assert all(pools.values()), kind
-        assert not (pools["train"] & pools["eval"]) and not (pools["train"] & pools["redteam"])
-        assert not (pools["eval"] & pools["redteam"])
+def test_grammar_splits_are_disjoint_and_the_red_team_templates_are_never_trained() -> None:
+    for kind in (*REFUSAL_KINDS, "hate"):
+        pools = {use: {t for _, t in _COMBOS[kind][use]} for use in ("train", "eval")}
+        assert pools["train"] and pools["eval"] and not pools["train"] & pools["eval"], kind
+        cats = {c for c, _ in _COMBOS[kind]["train"]}
+        assert cats == {c for c, _ in _COMBOS[kind]["eval"]}, kind  # every category in both
+        if kind in ASKS:
+            bare = {_bare(t) for t in pools["train"] | pools["eval"]}
+            assert not {_bare(t) for t in ASKS[kind]} & bare
 
 
 @pytest.fixture(scope="module")
