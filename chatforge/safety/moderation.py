@@ -79,7 +79,7 @@ class Verdict:
 
 @functools.cache
 def package_blocklist() -> tuple[str, ...]:
-    """better-profanity's word list when the package is installed (``pip install chatforge[safety]``), else ()."""
+    """better-profanity's word list when the package is installed (a main dependency; a tree without it gets only the policies' own ``words``), else ()."""
     try:
         text = (resources.files("better_profanity") / "profanity_wordlist.txt").read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
