@@ -169,7 +169,7 @@ def test_pipeline_runs_end_to_end_then_skips_and_survives_bad_input(tmp_path):
                           "--prompts", "6", "--samples", "3"], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert sim.returncode == 0, sim.stderr[-3000:]
-    assert '"simulated-round"' in sim.stdout and '"simulated-reviewer-1"' in sim.stdout
+    assert '"simulated-round-2-' in sim.stdout and '"simulated-reviewer-1"' in sim.stdout  # round-K-TIME by default
     rnd = chatforge("round", *sets("round.eval_prompts=8", "round.dpo_steps=3"), cwd=tmp_path)
     assert rnd.returncode == 0, rnd.stdout[-3000:] + rnd.stderr[-3000:]
     decision = json.loads((run / "rounds" / "2" / "decision.json").read_text())
