@@ -13,6 +13,8 @@
     chatforge chat [MODEL] [--name RUN] [--system TEXT] [sampling flags]
     chatforge eval perplexity|prompt-classify|checks|probe [MODEL] [--name RUN] ...
     chatforge report [RUN_OR_MODEL] [--name RUN] [--compare A B] [--out DIR] [--db URL]
+    chatforge export --hf MODEL DIR [--force]
+    chatforge import --hf DIR [--out PATH | --name RUN] [--block-size N] [--force]
 
 MODEL is a model directory or a stage of the run (sft, pretrain, ...); every command that
 reads a run takes --name/--runs-dir.
@@ -618,6 +620,37 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     console.print(f"{len(args.text.encode())} bytes -> {len(ids)} tokens", markup=False)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from chatforge.interop import export_hf
+
+    _quiet_transformers()
+    out = export_hf(_model_dir(args), Path(args.dir), force=args.force)
+    console.print(f"exported {out['architecture']} (vocab {out['vocab_size']}, eos/end-of-turn id "
+                  f"{out['eos_token_id']}) to {out['dir']}", markup=False)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from chatforge.interop import import_hf
+    from chatforge.paths import RunPaths
+
+    _quiet_transformers()
+    if args.out and args.name:
+        raise ChatforgeError("give --out PATH or --name RUN, not both")
+    run = RunPaths.of(args.runs_dir or "runs", args.name or "default")
+    out = Path(args.out) if args.out else run.root / "import" / "model"
+    r = import_hf(Path(args.dir), out, force=args.force, block_size=args.block_size)
+    console.print(f"imported {r['architecture']} ({r['params']:,} parameters, context {r['block_size']}, vocab "
+                  f"{r['vocab_size']} with chatforge's {r['added_special_tokens']} special tokens; max logit "
+                  f"difference {r['max_abs_logit_diff']:.2g}) to {r['dir']}\nfine-tune it with "
+                  f"`chatforge finetune sft --init-from {r['dir']}`", markup=False)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no per-shard bars in a one-line command's output
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="Build your own ChatGPT-style assistant.")
     parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
@@ -892,6 +925,26 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--device", default="auto")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(func=cmd_eval_prompt_classify)
+
+    exp = sub.add_parser("export", help="write a model as a Hugging Face folder (transformers, vLLM, llama.cpp's "
+                                        "converter)")
+    exp.add_argument("--hf", action="store_true", required=True, help="Hugging Face format (the only one)")
+    exp.add_argument("model", metavar="MODEL", help="model directory, a stage of the run (e.g. sft), NAME@ALIAS or "
+                                                    "a registered version")
+    exp.add_argument("dir", metavar="DIR", help="folder to write (new or empty)")
+    exp.add_argument("--force", action="store_true", help="replace DIR if it is not empty")
+    exp.add_argument("--name", help="run name (default: 'default')")
+    exp.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    exp.set_defaults(func=cmd_export, default_stage="sft")
+    imp = sub.add_parser("import", help="turn a local Hugging Face GPT-2 / Llama / Qwen2 folder into a chatforge model")
+    imp.add_argument("--hf", action="store_true", required=True, help="Hugging Face format (the only one)")
+    imp.add_argument("dir", metavar="DIR", help="the Hugging Face model folder (config.json, weights, tokenizer)")
+    imp.add_argument("--out", help="model directory to write (default: RUNS_DIR/RUN/import/model)")
+    imp.add_argument("--name", help="run to write into: RUNS_DIR/NAME/import/model (default: 'default')")
+    imp.add_argument("--runs-dir", help="directory holding runs (default: runs)")
+    imp.add_argument("--block-size", type=int, help="shorten the context to N tokens (default: the model's)")
+    imp.add_argument("--force", action="store_true", help="replace the output directory if it is not empty")
+    imp.set_defaults(func=cmd_import)
 
     add_serve_parser(sub)
     add_feedback_parser(sub)

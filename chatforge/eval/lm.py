@@ -59,26 +59,35 @@ def unigram_baseline(train_files: Sequence[Path], val_files: Sequence[Path], voc
     """Held-out loss/perplexity of the best context-free model: training-set token
     frequencies (add-one smoothed). A language model must beat this to have learned
     anything beyond word frequencies."""
+    # Slices of the memory-mapped shards, never a whole one: int64/float64 copies of a shard cost
+    # ~28 bytes per token, so memory would grow with the corpus (bench/data_memory.py measures it).
     counts = np.zeros(vocab_size, dtype=np.float64)
     for f in train_files:
-        counts += np.bincount(np.asarray(open_shard(f), dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        for piece in _slices(open_shard(f)):
+            counts += np.bincount(piece.astype(np.int64), minlength=vocab_size)[:vocab_size]
     logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
     nats, n, byte_nats, nbytes = 0.0, 0, 0.0, 0
     lengths = token_bytes.numpy() if token_bytes is not None else None
     for f in val_files:
-        val = np.asarray(open_shard(f), dtype=np.int64)[1:]  # targets: every token after the first
-        nll = -logp[val]
-        nats += float(nll.sum())
-        n += val.size
-        if lengths is not None:
-            b = lengths[val]
-            byte_nats += float(nll[b > 0].sum())
-            nbytes += int(b.sum())
+        for val in _slices(open_shard(f), skip_first=True):  # targets: every token after the first
+            nll = -logp[val]
+            nats += float(nll.sum())
+            n += val.size
+            if lengths is not None:
+                b = lengths[val]
+                byte_nats += float(nll[b > 0].sum())
+                nbytes += int(b.sum())
     loss = nats / max(n, 1)
     out = {"unigram_loss": loss, "unigram_ppl": math.exp(min(loss, 700.0))}
     if nbytes:
         out["unigram_bpb"] = byte_nats / (math.log(2) * nbytes)
     return out
+
+
+def _slices(tokens: np.ndarray, skip_first: bool = False, size: int = 1 << 20) -> Iterable[np.ndarray]:
+    """Consecutive int64 copies of at most ``size`` tokens of a (memory-mapped) token array."""
+    for start in range(1 if skip_first else 0, len(tokens), size):
+        yield np.asarray(tokens[start:start + size], dtype=np.int64)
 
 
 def _blocks_from_tokens(tokens: torch.Tensor, block_size: int, batch_size: int, max_batches: int | None

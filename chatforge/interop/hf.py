@@ -22,6 +22,10 @@ evaluation tools and the Hub's loaders see exactly our model. Two targets:
 
 ``rms_norm_eps`` is fp32's machine epsilon: our ``F.rms_norm(x, eps=None)`` uses
 ``torch.finfo(x.dtype).eps``, which is that for fp32 weights.
+
+Models imported from GPT-2 / Llama / Qwen2 (``GPTConfig`` variants, see
+``hf_arch.py``) export back to their own class: ``GPT2LMHeadModel``,
+``LlamaForCausalLM``, ``Qwen2ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.interop import hf_arch
 from chatforge.model.gpt import GPT, GPTConfig, rms_norm
 
 _RMS_EPS = float(torch.finfo(torch.float32).eps)
@@ -57,6 +62,10 @@ def hf_config(config: GPTConfig, bos_token_id: int | None = None, eos_token_id: 
             "Face Llama/NanoChat model class has; train with model.key_smear=false to export"
         )
     tf = _transformers()
+    fam = hf_arch.family(config)
+    if fam != "native":
+        return hf_arch.hf_config_of(config, fam, dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                                                      pad_token_id=pad_token_id))
     common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.n_embd,
@@ -100,6 +109,9 @@ def _flip_rope_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tenso
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under the ``transformers`` names of ``hf_config(model.config)``'s model."""
     cfg = model.config
+    fam = hf_arch.family(cfg)
+    if fam != "native":
+        return hf_arch.state_dict_to_hf(fam, cfg, model.state_dict())
     sd: dict[str, torch.Tensor] = {}
     if cfg.qk_norm:
         sd["model.embed_tokens.weight"] = model.wte.weight.detach().clone()
@@ -141,7 +153,11 @@ def to_hf(model: GPT, bos_token_id: int | None = None, eos_token_id: int | None 
         raise ChatforgeError(f"to_hf: expected a chatforge GPT, got {type(model).__name__}")
     tf = _transformers()
     config = hf_config(model.config, bos_token_id, eos_token_id, pad_token_id)
-    cls = tf.NanoChatForCausalLM if model.config.qk_norm else tf.ArceeForCausalLM
+    fam = hf_arch.family(model.config)
+    if fam != "native":
+        cls = getattr(tf, hf_arch.HF_CLASS[fam])
+    else:
+        cls = tf.NanoChatForCausalLM if model.config.qk_norm else tf.ArceeForCausalLM
     weight = model.wte.weight
     hf = cls(config).to(device=weight.device, dtype=weight.dtype)
     sd = hf_state_dict(model)

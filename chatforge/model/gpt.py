@@ -29,6 +29,14 @@ Choices, and why:
   embeddings, on drills whose repeat distance varies: copying formed within ~150 steps
   with smeared keys and not at all in 150 without. The mix never reaches across a
   document or padding boundary; the KV cache keeps each layer's last raw key.
+
+Variants for imported Hugging Face checkpoints (``chatforge import --hf``, see
+``chatforge/interop/hf_arch.py``): GPT-2 and Llama/Qwen2 differ from the design above in
+a few places, and a faithful import needs each of them, so ``GPTConfig`` has one
+field per difference (``pos_embedding``, ``norm``, ``norm_eps``, ``embed_norm``,
+``bias``, ``mlp_act``). Their defaults are the design above: a model that does not
+set them builds, saves and runs exactly as before (the extra modules are then
+parameter-free, so state dicts do not change).
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model import flops as flops_mod
 from chatforge.model.kv_cache import KVCache
 
+# The string fields of GPTConfig and their values (the first is the default).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pos_embedding": ("rope", "learned"),
+    "norm": ("rms", "rms_gain", "layer"),
+    "bias": ("none", "qkv", "all"),
+    "mlp_act": ("relu2", "gelu_tanh", "silu_gated"),
+}
 ASPECT_RATIO = 64  # from_depth: n_embd = depth * ASPECT_RATIO (nanochat's rule)
 TARGET_HEAD_DIM = 64  # from_depth: heads are as many as fit with head_dim >= 64
 
@@ -69,6 +84,13 @@ class GPTConfig:
     dropout: float = 0.0
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     key_smear: bool = False  # smeared keys: each key mixes in the previous token's key (see the module docstring)
+    # Imported-architecture variants (module docstring); the defaults are chatforge's own design.
+    pos_embedding: str = "rope"  # "rope" | "learned" (GPT-2: a (block_size, n_embd) table added to the embedding)
+    norm: str = "rms"  # "rms" (no gain) | "rms_gain" (Llama/Qwen2: learned gain) | "layer" (GPT-2: gain + bias)
+    norm_eps: float = 0.0  # 0 = the dtype's machine epsilon (F.rms_norm's default); HF models state theirs
+    embed_norm: bool = True  # a norm right after the token embedding (nanochat); GPT-2/Llama/Qwen2 have none
+    bias: str = "none"  # "none" | "qkv" (Qwen2: q, k, v projections) | "all" (GPT-2: every linear but the LM head)
+    mlp_act: str = "relu2"  # "relu2" | "gelu_tanh" (GPT-2) | "silu_gated" (SwiGLU, Llama/Qwen2: adds c_gate)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -81,7 +103,8 @@ class GPTConfig:
             (self.n_head >= 1, "n_head", "must be >= 1"),
             (self.n_embd >= 1 and self.n_embd % self.n_head == 0, "n_embd",
              f"{self.n_embd} must be a positive multiple of n_head={self.n_head}"),
-            (self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0, "n_head",
+            # RoPE rotates pairs of dimensions; learned positions (GPT-2) need no even head_dim
+            (self.n_head > 0 and (self.pos_embedding != "rope" or (self.n_embd // self.n_head) % 2 == 0), "n_head",
              f"head_dim = n_embd / n_head = {self.n_embd}/{self.n_head} must be even for RoPE"),
             (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0, "n_kv_head",
              f"{self.n_kv_head} must be >= 1 and divide n_head={self.n_head}"),
@@ -89,7 +112,12 @@ class GPTConfig:
             (self.rope_theta > 0, "rope_theta", "must be > 0"),
             (0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)"),
             (self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 = off)"),
+            (self.norm_eps >= 0, "norm_eps", "must be >= 0 (0 = the dtype's machine epsilon)"),
         ]
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"GPTConfig.{key}: {getattr(self, key)!r} is not allowed; allowed: "
+                                  f"{', '.join(allowed)}")
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"GPTConfig.{key}: {msg}")
@@ -104,6 +132,8 @@ class GPTConfig:
                 ok = isinstance(value, int | float) and not isinstance(value, bool)
                 if ok:
                     setattr(self, f.name, float(value))
+            elif hint is str:
+                ok = isinstance(value, str)
             else:  # bool
                 ok = isinstance(value, bool)
             if not ok:
@@ -178,6 +208,26 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class Norm(nn.Module):
+    """The norm ``GPTConfig.norm`` names. "rms" has no parameters, so chatforge's own models
+    keep their state dicts; "rms_gain" is Llama/Qwen2's RMSNorm (x / rms(x) * gain) and
+    "layer" GPT-2's LayerNorm (gain and bias)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.kind = config.norm
+        self.eps = config.norm_eps or None  # None: the input dtype's machine epsilon
+        c = config.n_embd
+        self.weight = nn.Parameter(torch.ones(c)) if self.kind != "rms" else None
+        self.bias = nn.Parameter(torch.zeros(c)) if self.kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            eps = self.eps if self.eps is not None else float(torch.finfo(x.dtype).eps)
+            return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (max_len, head_dim // 2), fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -204,14 +254,15 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         c = config.n_embd
-        self.c_q = nn.Linear(c, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(c, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(c, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, c, bias=False)
+        qkv_bias, out_bias = config.bias in ("qkv", "all"), config.bias == "all"  # Qwen2 / GPT-2 checkpoints
+        self.c_q = nn.Linear(c, self.n_head * self.head_dim, bias=qkv_bias)
+        self.c_k = nn.Linear(c, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.c_v = nn.Linear(c, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, c, bias=out_bias)
         # logit of a per key head; sigmoid(0) = half the own key, half the previous token's
         self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.key_smear else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, mask: torch.Tensor | None,
                 is_causal: bool, kv_cache: KVCache | None, prev_ok: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -229,7 +280,8 @@ class CausalSelfAttention(nn.Module):
             k = torch.where(prev_ok[:, None, :, None], a * k + (1 - a) * prev, k)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None and sin is not None:  # None: learned positions, already added to the embedding
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was made in another dtype
@@ -242,26 +294,36 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """ReLU^2 (ours), GELU-tanh (GPT-2) or SwiGLU ``c_proj(silu(c_gate(x)) * c_fc(x))`` (Llama/Qwen2)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.act = config.mlp_act
+        bias = config.bias == "all"
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
+        self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias) if self.act == "silu_gated" else None
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.c_gate is not None:
+            return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+        if self.act == "gelu_tanh":
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
+        self.norm_attn, self.norm_mlp = Norm(config), Norm(config)  # parameter-free unless config.norm says
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, mask: torch.Tensor | None,
                 is_causal: bool, kv_cache: KVCache | None, prev_ok: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(rms_norm(x), cos, sin, mask, is_causal, kv_cache, prev_ok))
-        return x + self.drop(self.mlp(rms_norm(x)))
+        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, mask, is_causal, kv_cache, prev_ok))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
 # --------------------------------------------------------------------------- the model
@@ -274,11 +336,18 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # GPT-2's learned absolute positions; indexed with the same positions RoPE would get
+        # (real tokens counted per row, restarting per document), so padding and the KV cache work alike.
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
+        self.norm_emb = Norm(config) if config.embed_norm else None
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm_f = Norm(config)
         # Tied: no separate module, the logits reuse wte.weight, so the state dict holds
         # the matrix once (safetensors refuses tensors that share storage).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        if self.wpe is not None:  # no RoPE: empty tables keep the attribute without the memory
+            cos, sin = cos[:0], sin[:0]
         self.register_buffer("rope_cos", cos, persistent=False)  # derived from config: not in checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -299,6 +368,15 @@ class GPT(nn.Module):
                 fan_out, fan_in = module.weight.shape
                 std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Norm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.wpe is not None:
+            nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)  # GPT-2's init of the position table
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
             if block.attn.key_smear is not None:
@@ -371,18 +449,23 @@ class GPT(nn.Module):
             positions, mask, is_causal = kv_cache.prepare(T, padding_mask)
         else:
             positions, mask, is_causal = self._layout(B, T, idx.device, attn_mask, doc_ids, padding_mask)
-        if positions is None:
+        x = self.wte(idx)
+        cos: torch.Tensor | None = None
+        sin: torch.Tensor | None = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
+        elif positions is None:
             cos, sin = self.rope_cos[start:start + T][None, None], self.rope_sin[start:start + T][None, None]
         else:
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-
-        x = rms_norm(self.wte(idx))
+        if self.norm_emb is not None:
+            x = self.norm_emb(x)
         prev_ok = self._prev_ok(B, T, idx.device, kv_cache, doc_ids, padding_mask) if self.config.key_smear else None
         for block in self.blocks:
             x = block(x, cos, sin, mask, is_causal, kv_cache, prev_ok)
         if kv_cache is not None:
             kv_cache.commit()
-        return rms_norm(x)
+        return self.norm_f(x)
 
     @staticmethod
     def _prev_ok(B: int, T: int, device: torch.device, kv_cache: Any, doc_ids: torch.Tensor | None,

@@ -88,7 +88,11 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         tok = ByteTokenizer(tuple(meta["special_tokens"]))
         check_special_ids(tok, meta, directory / META_FILE)
         return tok
-    raise DataError(f"{directory / META_FILE}: unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind == "hf":  # imported with a Hugging Face model (chatforge import --hf); never trained here
+        from chatforge.tokenizer.hf import ImportedTokenizer
+
+        return ImportedTokenizer.load(directory)
+    raise DataError(f"{directory / META_FILE}: unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)}, hf)")
 
 
 def compression_report(tok: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:

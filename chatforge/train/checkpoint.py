@@ -74,14 +74,23 @@ def _backbone(model: nn.Module) -> GPT:
     raise ChatforgeError(f"cannot save {type(model).__name__}: expected a GPT or a module with a GPT .backbone")
 
 
+def _plain_class(model: nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a generated ``FSDP<Class>`` subclass while it trains)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def save_model(directory: Path, model: nn.Module, tokenizer: Any, meta: dict[str, Any] | None = None,
-               extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a model directory atomically; ``extra_files`` maps names to torch-saved objects."""
+               extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a model directory atomically; ``extra_files`` maps names to torch-saved objects.
+    ``state``: the weights to write instead of ``model.state_dict()`` (the full state dict of a
+    model sharded over ranks, which no rank holds as ``model.state_dict()``)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
         save_file(state, str(tmp / WEIGHTS))
         version = sha256_file(tmp / WEIGHTS)[:VERSION_CHARS]
         tokenizer.save(tmp / TOKENIZER_DIR)
@@ -90,7 +99,7 @@ def save_model(directory: Path, model: nn.Module, tokenizer: Any, meta: dict[str
         config = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
-            "architecture": "gpt" if isinstance(model, GPT) else type(model).__name__,
+            "architecture": "gpt" if isinstance(model, GPT) else _plain_class(model).__name__,
             "model": _backbone(model).config.to_dict(),
             "chatforge_version": __version__,
             **(meta or {}),
@@ -229,7 +238,10 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def check_same_model(saved: dict[str, Any], current: GPTConfig, where: Path) -> None:
     """Resuming needs the very model the checkpoint holds: name every field that differs."""
     now = current.to_dict()
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    # a field newer than the checkpoint (e.g. the interop shape options) had its default when it was saved
+    defaults = {f: GPTConfig.__dataclass_fields__[f].default for f in now}
+    diffs = [f"model.{k}: checkpoint {saved.get(k, defaults[k])!r}, config {now[k]!r}"
+             for k in now if saved.get(k, defaults[k]) != now[k]]
     if diffs:
         raise ConfigError(f"{where} was trained with a different model config ({'; '.join(diffs)}); "
                           "resume with the config it was trained with, or start a new run without --resume")

@@ -1,8 +1,9 @@
 """The one training loop. Every stage (pre-training, SFT, task heads, reward model,
 DPO) hands it a ``TrainTask``: a model, an endless iterator of micro-batches and a
 loss. The loop owns everything else, once: AdamW with decay only on matmul
-weights, the LR schedule, gradient accumulation up to ``tokens_per_step``,
-clipping, mixed precision, DDP, held-out evaluation and samples, non-finite loss
+weights (or Muon for the hidden matrices, ``train.optim``), the LR schedule, gradient accumulation up to ``tokens_per_step``,
+clipping, mixed precision, DDP or FSDP2 (``train.dist.FSDPRun``), activation
+checkpointing, held-out evaluation and samples, non-finite loss
 detection, metrics, a progress bar, and checkpoints that resume exactly.
 
 The loss contract: a stage's loss returns ``(sum, count, metrics)``, the loss
@@ -43,7 +44,6 @@ from chatforge.config import TrainConfig
 from chatforge.device import Precision
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.flops import peak_flops
-from chatforge.model.gpt import make_adamw
 from chatforge.train.checkpoint import (
     TRAINER_STATE,
     check_same_model,
@@ -54,8 +54,9 @@ from chatforge.train.checkpoint import (
     read_model_config,
     save_model,
 )
-from chatforge.train.dist import DistInfo, all_reduce_sum
+from chatforge.train.dist import DistInfo, FSDPRun, all_reduce_sum, checkpoint_blocks
 from chatforge.train.metrics_log import MetricsLog
+from chatforge.train.optim import make_optimizer
 from chatforge.train.schedule import lr_multiplier
 
 
@@ -157,7 +158,9 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: list[Any], 
     metric_sums: dict[str, list[torch.Tensor]] = {}
     for micro, batch in enumerate(batches):
         sync = not dist.enabled or micro == len(batches) - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+            model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
             with precision.autocast():
                 out = as_loss_output(loss_fn(model, batch), task_name)
             total = out.sum.float()
@@ -243,11 +246,26 @@ def train(
     raw_model = task.model
     backbone = task.backbone or raw_model
     accum = grad_accum_steps(cfg, task.tokens_per_micro_batch, dist.world_size, section)
+    fsdp = dist.enabled and cfg.parallel == "fsdp"
+    if fsdp:
+        check_fsdp(cfg, precision, section)
+    last_ckpt: Path | None = None
+    if resume:  # the weights go in before sharding; the optimizer's state after it is built
+        last_ckpt = latest_checkpoint(ckpt_root)
+        if last_ckpt is None:
+            raise ChatforgeError(f"--resume: no checkpoint in {ckpt_root} to resume from; run without --resume")
+        saved = read_model_config(last_ckpt)
+        check_same_model(saved["model"], backbone.config, last_ckpt)
+        load_model_weights(raw_model, last_ckpt)
+    sharded = FSDPRun(raw_model) if fsdp else None  # parameters become DTensor shards, in place
+    undo_checkpointing = checkpoint_blocks(raw_model) if cfg.activation_checkpointing else None
 
     if task.param_groups is not None:
-        optimizer = torch.optim.AdamW(task.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        groups = sharded.param_groups(task.param_groups) if sharded else task.param_groups
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     else:
-        optimizer = make_adamw(raw_model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), precision.device.type)
+        optimizer = make_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                   precision.device.type, cfg.muon_lr, section)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = precision.grad_scaler()
     step, tokens_seen = 0, 0
@@ -255,17 +273,13 @@ def train(
     last_loss = float("nan")
     log = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard, cfg.wandb_project, task.name,
                      {"train": vars(cfg)}) if dist.is_main else None
-    last_ckpt: Path | None = None
 
     if resume:
-        last_ckpt = latest_checkpoint(ckpt_root)
-        if last_ckpt is None:
-            raise ChatforgeError(f"--resume: no checkpoint in {ckpt_root} to resume from; run without --resume")
-        saved = read_model_config(last_ckpt)
-        check_same_model(saved["model"], backbone.config, last_ckpt)
-        load_model_weights(raw_model, last_ckpt)
         state = torch.load(last_ckpt / TRAINER_STATE, map_location=precision.device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            sharded.load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         # One entry per rank of the run that saved; a resume with another world size reuses rank 0's
@@ -288,7 +302,7 @@ def train(
     model: nn.Module = raw_model
     if cfg.compile:
         model = torch.compile(model)
-    if dist.enabled:
+    if dist.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [precision.device.index] if precision.device.type == "cuda" else None
@@ -312,7 +326,7 @@ def train(
             if log:
                 log.log({"kind": "eval", "step": at_step, **result_eval})
                 bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result_eval.items()))
-        if task.sample is not None and dist.is_main:
+        if task.sample is not None and dist.is_main and not fsdp:  # fsdp: sampled once unsharded, at the end
             raw_model.eval()
             with torch.no_grad(), precision.autocast():
                 samples = task.sample(raw_model)
@@ -323,8 +337,12 @@ def train(
                     bar.write(f"  sample: {s!r}")
 
     def save(at_step: int) -> Path:
+        # fsdp: every rank takes part in gathering the full weights and optimizer state onto rank 0, so
+        # the files are the ones a single process writes (and loads: any world size resumes them)
+        weights = sharded.model_state() if sharded else None
         state = {
-            "step": at_step, "tokens": tokens_seen, "optimizer": optimizer.state_dict(),
+            "step": at_step, "tokens": tokens_seen,
+            "optimizer": sharded.optimizer_state(optimizer) if sharded else optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "batches": _gather(task.batches.state_dict(), dist), "rng": _gather(_rng_state(), dist),
             "train_config": vars(cfg), "train_time_s": train_time(), "last_loss": last_loss,
@@ -333,7 +351,7 @@ def train(
         if dist.is_main:
             save_model(path, raw_model, task.tokenizer,
                        {"stage": task.name, "step": at_step, "tokens": tokens_seen, **task.meta},
-                       extra_files={TRAINER_STATE: state})
+                       extra_files={TRAINER_STATE: state}, state=weights)
             prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
@@ -350,6 +368,7 @@ def train(
         # but the final evaluation and samples still belong to the result.
         run_eval(step)
     tok_s_ema = 0.0
+    finished = False
     try:
         while step < cfg.max_steps:
             lr = cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_frac,
@@ -363,7 +382,8 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp: a DTensor
             step_loss = stats.loss
             if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
                 what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
@@ -408,12 +428,39 @@ def train(
                 run_eval(step)
             if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_ckpt = save(step)
+        finished = True
     finally:
         bar.close()
+        if undo_checkpointing is not None:
+            undo_checkpointing()
+        if log and (sharded is None or not finished):
+            log.close()
+    if sharded:  # every rank gathers the trained weights; the model is a plain module again
+        sharded.restore()
+        if task.sample is not None and dist.is_main and step >= cfg.max_steps:
+            raw_model.eval()
+            with torch.no_grad(), precision.autocast():
+                samples = task.sample(raw_model)
+            raw_model.train()
+            if log:
+                log.log({"kind": "sample", "step": step, "samples": samples})
         if log:
             log.close()
     return TrainResult(step=step, tokens=tokens_seen, wall_time_s=train_time(), last_train_loss=last_loss,
                        eval=result_eval, checkpoint=last_ckpt, samples=samples)
+
+
+def check_fsdp(cfg: TrainConfig, precision: Precision, section: str) -> None:
+    """What ``parallel=fsdp`` does not support, as a clear error before any work."""
+    if precision.grad_scaler() is not None:
+        raise ConfigError(f"{section}.parallel=fsdp: fp16 needs a loss scaler whose overflow check covers every "
+                          f"rank's gradient shard, which this loop does not have; use {section}.dtype=bf16 or fp32")
+    if getattr(cfg, "optimizer", "adamw") != "adamw":
+        raise ConfigError(f"{section}.parallel=fsdp: optimizer={cfg.optimizer} orthogonalises whole matrices, but "
+                          f"each rank holds only a shard of each; use {section}.optimizer=adamw or parallel=ddp")
+    if cfg.compile:
+        raise ConfigError(f"{section}.parallel=fsdp with {section}.compile=true is not supported yet; "
+                          "turn one of them off")
 
 
 def _gather(obj: Any, dist: DistInfo) -> list[Any]:

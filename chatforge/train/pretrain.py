@@ -38,15 +38,16 @@ def sample_prompts(val_files: list[Path], bos_id: int, n: int = N_SAMPLES,
     """Openings of the first held-out documents (BOS + a few tokens): samples then show
     whether the model continues text of the corpus's own kind, whatever the corpus is."""
     prompts: list[list[int]] = []
+    window = 1 << 20  # search the memory-mapped shard in slices: a whole-file mask grows with the corpus
     for f in val_files:
-        tokens = np.asarray(open_shard(f))
-        starts = np.flatnonzero(tokens == bos_id)
-        for s in starts:
-            doc = tokens[s:s + length + 1].tolist()
-            if len(doc) == length + 1 and bos_id not in doc[1:]:
-                prompts.append(doc)
-            if len(prompts) == n:
-                return prompts
+        tokens = open_shard(f)
+        for offset in range(0, len(tokens), window):
+            for s in offset + np.flatnonzero(np.asarray(tokens[offset:offset + window]) == bos_id):
+                doc = np.asarray(tokens[s:s + length + 1]).tolist()
+                if len(doc) == length + 1 and bos_id not in doc[1:]:
+                    prompts.append(doc)
+                if len(prompts) == n:
+                    return prompts
     return prompts
 
 
