@@ -68,3 +68,21 @@ def byte_prompt_items(n: int = 4) -> list:
         msgs = [{"role": "user", "content": f"q{i}"}]
         out.append(PromptItem(f"t:{i}", msgs, render(msgs, tok, add_generation_prompt=True).ids, {"i": i}))
     return out
+
+
+class FixedBatches:
+    """A resumable iterator over a fixed list of (x, y) batches, cycling."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]

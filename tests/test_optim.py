@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FixedBatches
 
 from chatforge.config import load_config
 from chatforge.device import resolve_precision
@@ -69,22 +70,6 @@ def _batches(n: int = 8):
     return [(seq[i * 4:(i + 1) * 4, :-1], seq[i * 4:(i + 1) * 4, 1:]) for i in range(n)]
 
 
-class Cycle:
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __next__(self):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return b
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = s["i"]
-
-
 def _loss(model, batch):
     x, y = batch
     return model(x, y, loss_reduction="sum")[1], y.numel()
@@ -99,7 +84,7 @@ def _cfg(**kw):
 
 
 def _task(model):
-    return TrainTask(name="test", model=model, tokenizer=ByteTokenizer(), batches=Cycle(_batches()), loss=_loss,
+    return TrainTask(name="test", model=model, tokenizer=ByteTokenizer(), batches=FixedBatches(_batches()), loss=_loss,
                      tokens_per_micro_batch=64)
 
 

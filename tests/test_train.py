@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import FixedBatches, make_run
 
 from chatforge.config import TrainConfig, load_config
 from chatforge.device import resolve_precision
@@ -30,24 +30,6 @@ CPU = torch.device("cpu")
 FP32 = resolve_precision("fp32", CPU)
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ByteTokenizer().vocab_size
-
-
-class FixedBatches:
-    """A resumable iterator over a fixed list of (x, y) batches, cycling."""
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __next__(self):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return b
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = s["i"]
 
 
 def tiny_gpt(seed: int = 0) -> GPT:

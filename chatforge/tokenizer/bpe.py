@@ -143,6 +143,16 @@ def _check_unicode(text: str) -> None:
         text.encode("utf-8")
 
 
+def read_hf_file(path: Path) -> HFTokenizer:
+    """A ``tokenizers`` tokenizer from its ``tokenizer.json``; a missing or corrupt file is a DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; the tokenizer directory is incomplete (train or save it again)")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for any parse error
+        raise DataError(f"{path}: corrupt tokenizer file: {e}") from e
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE with the cl100k split; ids: merged vocabulary first, then the specials."""
 
@@ -267,12 +277,7 @@ class BPETokenizer(Tokenizer):
         directory = Path(directory)
         meta = read_meta(directory)
         path = directory / HF_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: missing; the tokenizer directory is incomplete (train or save it again)")
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception for any parse error
-            raise DataError(f"{path}: corrupt tokenizer file: {e}") from e
+        hf = read_hf_file(path)
         try:
             tok = cls(hf, tuple(meta["special_tokens"]), train_info=meta.get("train"))
         except ChatforgeError as e:

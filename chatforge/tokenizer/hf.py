@@ -39,7 +39,7 @@ from chatforge.tokenizer.base import (
     encode_error,
     read_meta,
 )
-from chatforge.tokenizer.bpe import _CHAR_TO_BYTE
+from chatforge.tokenizer.bpe import _CHAR_TO_BYTE, read_hf_file
 
 HF_FILE = "tokenizer.json"
 _NORMALIZERS = (None, "NFC")  # normalizers whose output is still the text, for text already in that form
@@ -138,12 +138,7 @@ class ImportedTokenizer(Tokenizer):
         directory = Path(directory)
         meta = read_meta(directory)
         path = directory / HF_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: missing; the tokenizer directory is incomplete")
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception for any parse error
-            raise DataError(f"{path}: corrupt tokenizer file: {e}") from e
+        hf = read_hf_file(path)
         try:
             tok = cls(hf, tuple(meta["special_tokens"]), source=meta.get("source"))
         except ChatforgeError as e:

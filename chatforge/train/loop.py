@@ -317,7 +317,7 @@ def train(
         return time_before + time.perf_counter() - start_time
 
     def run_eval(at_step: int) -> None:
-        nonlocal result_eval, samples
+        nonlocal result_eval
         if task.evaluate is not None:
             raw_model.eval()
             with torch.no_grad(), precision.autocast():
@@ -327,14 +327,18 @@ def train(
                 log.log({"kind": "eval", "step": at_step, **result_eval})
                 bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result_eval.items()))
         if task.sample is not None and dist.is_main and not fsdp:  # fsdp: sampled once unsharded, at the end
-            raw_model.eval()
-            with torch.no_grad(), precision.autocast():
-                samples = task.sample(raw_model)
-            raw_model.train()
-            if log:
-                log.log({"kind": "sample", "step": at_step, "samples": samples})
-                for s in samples:
-                    bar.write(f"  sample: {s!r}")
+            draw_samples(at_step, echo=True)
+
+    def draw_samples(at_step: int, echo: bool) -> None:
+        nonlocal samples
+        raw_model.eval()
+        with torch.no_grad(), precision.autocast():
+            samples = task.sample(raw_model)
+        raw_model.train()
+        if log:
+            log.log({"kind": "sample", "step": at_step, "samples": samples})
+            for s in samples if echo else ():
+                bar.write(f"  sample: {s!r}")
 
     def save(at_step: int) -> Path:
         # fsdp: every rank takes part in gathering the full weights and optimizer state onto rank 0, so
@@ -438,12 +442,7 @@ def train(
     if sharded:  # every rank gathers the trained weights; the model is a plain module again
         sharded.restore()
         if task.sample is not None and dist.is_main and step >= cfg.max_steps:
-            raw_model.eval()
-            with torch.no_grad(), precision.autocast():
-                samples = task.sample(raw_model)
-            raw_model.train()
-            if log:
-                log.log({"kind": "sample", "step": step, "samples": samples})
+            draw_samples(step, echo=False)
         if log:
             log.close()
     return TrainResult(step=step, tokens=tokens_seen, wall_time_s=train_time(), last_train_loss=last_loss,
