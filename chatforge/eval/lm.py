@@ -59,7 +59,7 @@ def unigram_baseline(train_files: Sequence[Path], val_files: Sequence[Path], voc
     """Held-out loss/perplexity of the best context-free model: training-set token
     frequencies (add-one smoothed). A language model must beat this to have learned
     anything beyond word frequencies."""
-    # Slices of the memory-mapped shards, never a whole one: int64/float64 copies of a shard cost
+    # Slices (262k tokens) of the memory-mapped shards, never a whole one: int64/float64 copies of a shard cost
     # ~28 bytes per token, so memory would grow with the corpus (bench/data_memory.py measures it).
     counts = np.zeros(vocab_size, dtype=np.float64)
     for f in train_files:
@@ -84,7 +84,7 @@ def unigram_baseline(train_files: Sequence[Path], val_files: Sequence[Path], voc
     return out
 
 
-def _slices(tokens: np.ndarray, skip_first: bool = False, size: int = 1 << 20) -> Iterable[np.ndarray]:
+def _slices(tokens: np.ndarray, skip_first: bool = False, size: int = 1 << 18) -> Iterable[np.ndarray]:
     """Consecutive int64 copies of at most ``size`` tokens of a (memory-mapped) token array."""
     for start in range(1 if skip_first else 0, len(tokens), size):
         yield np.asarray(tokens[start:start + size], dtype=np.int64)
