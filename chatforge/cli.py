@@ -36,6 +36,7 @@ from rich.table import Table
 from chatforge import __version__
 from chatforge.config import PRESETS, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
+from chatforge.io import dumps_line
 from chatforge.registry.cli import add_models_parser
 from chatforge.report.cli import add_report_parser
 from chatforge.safety.cli import add_safety_parser
@@ -213,7 +214,7 @@ def cmd_data_balance(args: argparse.Namespace) -> None:
     names = load_name_groups(args.names) if args.names else None
     result = balance_file(args.file, args.by, args.mode, args.out, args.seed, names)
     if args.json:
-        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        sys.stdout.write(dumps_line(result) + "\n")
     else:
         console.print(format_result(result), markup=False, soft_wrap=True)
 

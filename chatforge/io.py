@@ -91,12 +91,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+# JSON leaves these three line breaks raw inside strings (only C0 controls must be escaped), yet
+# Python's str.splitlines(), many editors and JavaScript before ES2019 split lines on them, so a
+# model that happens to emit one would break a JSONL file for every reader but ours. They can occur
+# only inside JSON strings, so escaping them there is exact and the file stays one record per line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def dumps_line(obj: Any) -> str:
+    """``obj`` as one JSON line (UTF-8 kept readable) that no line splitter can break apart."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write rows as JSON lines, atomically; returns the number of rows."""
     n = 0
     with atomic_write(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False))
+            f.write(dumps_line(row))
             f.write("\n")
             n += 1
     return n

@@ -152,6 +152,22 @@ def test_ratings_export(store, tmp_path):
     assert rows[0]["comment"] == f"{rows[0]['meta']['user']} says {rows[0]['fluency']}"
 
 
+def test_unicode_line_breaks_in_text_keep_one_record_per_line(store, tmp_path):
+    # A tiny model's sampled bytes can decode to U+0085/U+2028/U+2029: JSON leaves them raw, but
+    # str.splitlines() (and many editors and tools) break lines there. The export escapes them.
+    ctx = ranked_prompt(store)
+    tricky = "line\u2028sep\x85next\u2029para \u00e9"
+    sv.assign(store, ctx["dataset"], "rate", ["rev"], 1)
+    while (t := sv.next_assignment(store, ctx["rev"]["id"], "rate")) is not None:
+        sv.submit_rating(store, ctx["rev"]["id"], t["assignment_id"],
+                         {"fluency": 4, "coherence": 4, "relevance": 4, "appropriateness": 4}, comment=tricky)
+    assert export_feedback(store, tmp_path, kinds=["ratings"]) == {"ratings": 3}
+    text = (tmp_path / "ratings.jsonl").read_text(encoding="utf-8")
+    assert "\u2028" not in text and "\x85" not in text and "\u2029" not in text and "\u00e9" in text
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 3 and {r["comment"] for r in rows} == {tricky}
+
+
 def test_labels_export(store, tmp_path):
     admin = sv.create_user(store, "admin", "pw", "admin")
     ann = sv.create_user(store, "ann", "pw", "annotator")

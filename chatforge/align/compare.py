@@ -68,7 +68,7 @@ def parent_checks(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, fl
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _answer_ids(prompt: list[dict[str, Any]], answer: str, tok: Any) -> tuple[list[int], int]:

@@ -182,7 +182,7 @@ def build(ctx: StageContext) -> StageParts:
             files["answers.jsonl"] = rows
         log = ctx.out.root / "metrics.jsonl"
         if log.is_file():  # the last logged training reward (mean over the logging window)
-            lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            lines = [json.loads(x) for x in log.read_text().split("\n") if x.strip()]
             train = [x for x in lines if "reward" in x]
             if train:
                 metrics["train_reward_first"] = train[0]["reward"]

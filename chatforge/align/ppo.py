@@ -403,7 +403,7 @@ def build(ctx: StageContext) -> StageParts:
             files["answers.jsonl"] = rows
         log = ctx.out.root / "metrics.jsonl"
         if log.is_file():  # the first and last logged rollout score, KL and final KL coefficient
-            train = [x for x in (json.loads(line) for line in log.read_text().splitlines() if line.strip())
+            train = [x for x in (json.loads(line) for line in log.read_text().split("\n") if line.strip())
                      if "score" in x]
             if train:
                 metrics |= {"train_score_first": train[0]["score"], "train_score_last": train[-1]["score"],

@@ -36,7 +36,7 @@ def _answers(model_dir: Path) -> dict[str, dict[str, Any]]:
         raise ChatforgeError(f"{path}: no held-out answers for {model_dir} (its stage's test writes them when "
                              f"eval_generate > 0)")
     rows = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         if line.strip():
             row = json.loads(line)
             if isinstance(row.get("answer"), str) and row.get("where"):

@@ -51,7 +51,7 @@ from typing import Any
 
 from chatforge.data.records import iter_records
 from chatforge.errors import ChatforgeError, DataError
-from chatforge.io import atomic_write, write_json
+from chatforge.io import atomic_write, dumps_line, write_json
 
 MODES = ("report", "downsample", "reweight")
 WEIGHT_FIELD = "weight"
@@ -376,7 +376,7 @@ def balance_file(source: str | Path, by: list[str], mode: str = "report", out: s
         rows = [{**row, WEIGHT_FIELD: w} for row, w in zip(table.rows, reweight(table))]
     with atomic_write(out) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False))
+            f.write(dumps_line(row))
             f.write("\n")
     # Read back what was written: the after-report describes the file, not our intentions.
     written = read_table(out, by, names)

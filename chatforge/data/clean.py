@@ -56,7 +56,7 @@ from chatforge.data.html import html_to_text
 from chatforge.data.pii import KINDS, scrub_pii
 from chatforge.data.quality import RULES, first_failure
 from chatforge.errors import ChatforgeError, ConfigError, DataError
-from chatforge.io import atomic_write, write_json
+from chatforge.io import atomic_write, dumps_line, write_json
 from chatforge.safety.moderation import Finding, Moderator
 from chatforge.safety.policy import Policy, load_policy
 
@@ -220,7 +220,7 @@ class DocCleaner:
                 return dropped("safety", reason, pii)
         key = exact_key(text) if self.cfg.exact_dedup else None
         signature = self.signer.signature(text) if self.signer is not None else None
-        line = json.dumps({"id": doc_id, "text": text, "source": source}, ensure_ascii=False)
+        line = dumps_line({"id": doc_id, "text": text, "source": source})
         return DocResult(doc_id, source, in_chars, len(text), is_html, None, None, None, pii, key, signature, line,
                          hit)
 

@@ -44,7 +44,7 @@ from chatforge.config import CollectConfig
 from chatforge.data.json_stream import iter_json_values
 from chatforge.data.split import split_text
 from chatforge.errors import ChatforgeError, DataError
-from chatforge.io import atomic_write
+from chatforge.io import atomic_write, dumps_line
 
 # Extension -> reader kind.
 FORMATS: dict[str, str] = {
@@ -408,7 +408,7 @@ def iter_documents(source: str, cfg: CollectConfig, skipped: list[Path] | None =
 
 def _json_line(doc: dict) -> str:
     try:
-        line = json.dumps(doc, ensure_ascii=False)
+        line = dumps_line(doc)
         line.encode("utf-8")
     except UnicodeEncodeError:
         # Lone surrogates (from "\ud800" escapes in the input) cannot be UTF-8: keep them

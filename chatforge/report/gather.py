@@ -153,7 +153,7 @@ def read_jsonl_file(path: Path, what: str) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         return []
     rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import dumps_line
 from chatforge.safety.pipeline import (
     keep_result,
     moderation_metrics,
@@ -91,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> None:
                                     if args.context is not None else None)
     if args.json:
         for (where, text), v in zip(texts, verdicts):
-            sys.stdout.write(json.dumps({"where": where, "text": text, **v.to_dict()}, ensure_ascii=False) + "\n")
+            sys.stdout.write(dumps_line({"where": where, "text": text, **v.to_dict()}) + "\n")
         return
     for (where, _text), v in zip(texts, verdicts):
         if not v.flagged:

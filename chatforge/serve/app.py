@@ -38,7 +38,6 @@ records exactly which weights produced it.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import threading
@@ -56,7 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatforge import __version__
 from chatforge.errors import ChatforgeError
-from chatforge.io import sha256_file
+from chatforge.io import dumps_line, sha256_file
 from chatforge.paths import MODEL, stage_of_model_dir
 from chatforge.serve.engine import Engine
 from chatforge.serve.fields import FieldError
@@ -291,7 +290,7 @@ class AccessLogMiddleware:
             })
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False)
+        line = dumps_line(record)
         if self.path is None:
             access_logger.info(line)
             return

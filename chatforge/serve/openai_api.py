@@ -61,6 +61,7 @@ from starlette.concurrency import run_in_threadpool
 
 from chatforge.chat.template import render_prompt, stop_token_ids
 from chatforge.errors import ChatforgeError
+from chatforge.io import dumps_line
 from chatforge.serve.engine import MAX_LOGPROBS, GenerationHandle, PromptTooLong, QueueFull, SamplingParams
 from chatforge.serve.fields import FieldError, get_bool, get_float, get_int, read_object
 from chatforge.serve.guard import (
@@ -315,7 +316,7 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {dumps_line(obj)}\n\n"
 
 
 def _failure(handle: GenerationHandle) -> APIError | None:

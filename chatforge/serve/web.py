@@ -65,7 +65,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatforge.chat.template import render_prompt
 from chatforge.errors import ChatforgeError
-from chatforge.io import MAX_JSON_DEPTH, JSONTooDeep, parse_json
+from chatforge.io import MAX_JSON_DEPTH, JSONTooDeep, dumps_line, parse_json
 from chatforge.serve.engine import PromptTooLong, QueueFull, SamplingParams
 from chatforge.serve.fields import FieldError, get_float, get_int, get_str, get_str_list, read_object
 from chatforge.serve.guard import RefusalHandle, flag_rows, record_flags
@@ -196,7 +196,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 def parse_jsonl(text: str) -> tuple[list[dict], list[int]]:
     """Rows of a pasted JSONL text and the line number of each; errors name the line."""
     rows, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -271,7 +271,7 @@ def as_chat(conv: dict, messages: list[dict]) -> list[dict[str, str]]:
 
 
 def sse(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    return f"data: {dumps_line(obj)}\n\n".encode()
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -43,7 +43,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8").split("\n"):
             try:
                 if json.loads(line).get("step", 0) <= step:
                     keep.append(line)
@@ -78,7 +78,7 @@ class MetricsLog:
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (of one ``kind`` if given)."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         if line.strip():
             rec = json.loads(line)
             if kind is None or rec.get("kind") == kind:
