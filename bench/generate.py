@@ -19,6 +19,12 @@ HF uses its default DynamicCache unless ``--hf-cache static``. ``--dtypes``: fp3
 and bf16 by default where the CPU runs it natively (chatforge: ``dtype="bf16"``,
 autocast with an fp32 LM head; HF: its ``generate()`` inside ``torch.autocast``).
 
+``chatforge int8`` rows (unless ``--no-int8``): the same greedy decoding with the model's
+matrices in int8 (``chatforge.model.quantize``, what ``serve --quantize int8`` runs), fp32
+around them; its "same greedy tokens" column shows how far int8 rounding moves greedy output
+on these random weights (the quality cost on a trained model is in the README). Ends also
+with ``ratio generate_bN_int8_vs_hf_fp32``.
+
 ``engine`` rows (unless ``--no-engine``): the serving engine (``chatforge.serve.Engine``,
 continuous batching) with ``batch`` concurrent SAMPLED requests (temperature 0.8,
 top-k 50, top-p 0.95, repetition penalty 1.1, one seed each): tokens/s = all their
@@ -30,6 +36,12 @@ prompts sampled at temperature 1 with every token's log-probability returned
 (``generate_details``), against ``generate(do_sample=True, temperature=1, top_k=0,
 output_scores=True)`` on the same weights and batch, whose scores give the same
 log-probabilities; fp32.
+
+The weight-streaming floor table: one decode step multiplies by every matrix of the model
+once; the time of only those products (fp32, torch's kernels, in model order) is a floor no
+implementation can beat on this machine. At batch 1 the weights do not stay in the core's
+cache between steps, so the floor is the memory bandwidth, and ``HF time / floor`` is the
+highest ratio any decoder could reach against HF here.
 
 Rounds are interleaved and the best counts. Ends with ``ratio generate_bN: X`` per
 batch size (fp32): chatforge tokens/s divided by HF tokens/s (higher = chatforge faster),
@@ -55,6 +67,7 @@ from _common import (
 
 from chatforge.device import resolve_precision
 from chatforge.model import GPT, generate, generate_details
+from chatforge.model.quantize import quantize_model
 from chatforge.serve.engine import Engine, SamplingParams
 
 DEFAULT = Shape(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096, batch_size=1)
@@ -104,6 +117,8 @@ def main() -> None:
     native = resolve_precision("auto", torch.device("cpu")).name
     ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"] + ["bf16"] * (native == "bf16"),
                     help="forward precisions to time (default: fp32, and bf16 where the CPU runs it natively)")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time chatforge with int8 matrices (quantize_model, fp32 around them)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the serving engine with sampled requests")
     ap.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True,
@@ -160,17 +175,29 @@ def main() -> None:
     def run_served(b: int, dtype: str) -> list[list[int]]:
         return run_engine(model, prompts[b].tolist(), new_tokens, dtype)
 
+    int8 = quantize_model(model, "int8") if args.int8 else None
+
+    def run_int8(b: int, dtype: str) -> list[list[int]]:
+        return generate(int8, prompts[b].tolist(), new_tokens, temperature=0.0, dtype="fp32")
+
     hf_name = f"hf-{type(hf).__name__}"
     runners = {"chatforge": run_chatforge, hf_name: run_hf}
+    if int8 is not None:
+        runners["chatforge int8"] = run_int8
     if args.engine:
         runners["chatforge engine (sampled)"] = run_served
-    cases = [(name, d, b) for d in args.dtypes for b in args.batches for name in runners]
+    cases = [(name, d, b) for d in args.dtypes for b in args.batches for name in runners
+             if name != "chatforge int8" or d == "fp32"]  # int8 runs fp32 around its products
     outputs = {case: runners[case[0]](case[2], case[1]) for case in cases}  # warmup
     agree = {}
     for d in args.dtypes:  # greedy chatforge vs HF, same dtype
         for b in args.batches:
-            ours, theirs = outputs[("chatforge", d, b)], outputs[(hf_name, d, b)]
-            agree[(d, b)] = sum(x == y for r0, r1 in zip(ours, theirs) for x, y in zip(r0, r1)) / (b * new_tokens)
+            theirs = outputs[(hf_name, d, b)]
+            for name in ("chatforge", "chatforge int8"):
+                if (name, d, b) in outputs:
+                    ours = outputs[(name, d, b)]
+                    agree[(name, d, b)] = sum(x == y for r0, r1 in zip(ours, theirs)
+                                              for x, y in zip(r0, r1)) / (b * new_tokens)
     best = {case: float("inf") for case in cases}
     for r in range(rounds):
         for case in cases:
@@ -180,13 +207,23 @@ def main() -> None:
 
     rows = []
     for (name, d, b), sec in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        same = f"{agree[(d, b)]:.1%}" if "engine" not in name else "(sampled)"
+        same = f"{agree[(name, d, b)]:.1%}" if (name, d, b) in agree else "(sampled)" if "engine" in name else "-"
         rows.append([name, d, str(b), f"{b * new_tokens / sec:,.0f}", f"{sec * 1e3 / new_tokens:.2f}", same])
     print()
     print_table(["model", "dtype", "batch", "tokens/s", "ms/token step", "same greedy tokens"], rows)
-    if min(agree.values()) < 1.0:
+    if min(v for k, v in agree.items() if k[0] == "chatforge") < 1.0:
         print("note: greedy outputs differ somewhere (rounding, bf16 above all, can flip a near-tie); timings "
               "still compare the same amount of work")
+    floor_rows = []
+    for b in args.batches:
+        floor = weight_floor(model, b, new_tokens, rounds)
+        hf_step = best[(hf_name, "fp32" if "fp32" in args.dtypes else args.dtypes[0], b)] / new_tokens
+        floor_rows.append([str(b), f"{floor * 1e3:.2f}", f"{b / floor:,.0f}", f"{hf_step / floor:.2f}"])
+    mb = sum(w.numel() * w.element_size() for w in decode_weights(model)) / 1e6
+    print(f"\nweight-streaming floor, fp32: every decode step reads each of the model's matrices once "
+          f"({mb:.1f} MB); the time of just those matrix products (torch's own kernels, in model order, "
+          f"nothing else) bounds what any implementation reaches on this machine")
+    print_table(["batch", "floor ms/step", "floor tokens/s", "highest possible ratio vs HF"], floor_rows)
     rollout_ratio = None
     if args.rollout:
         rollout_ratio = time_rollouts(model, hf, config, prompt_len, new_tokens, args.rollout_batch, rounds,
@@ -195,8 +232,35 @@ def main() -> None:
     d0 = "fp32" if "fp32" in args.dtypes else args.dtypes[0]
     for b in args.batches:
         print(f"ratio generate_b{b}: {best[(hf_name, d0, b)] / best[('chatforge', d0, b)]:.3f}")
+    if int8 is not None and "fp32" in args.dtypes:
+        for b in args.batches:  # int8 chatforge against fp32 HF: what --quantize int8 buys a user
+            print(f"ratio generate_b{b}_int8_vs_hf_fp32: {best[(hf_name, 'fp32', b)] / best[('chatforge int8', 'fp32', b)]:.3f}")
     if rollout_ratio is not None:
         print(f"ratio rollout_vs_hf_generate: {rollout_ratio:.3f}")
+
+
+def decode_weights(model: GPT) -> list[torch.Tensor]:
+    """The matrices one decode step multiplies by, in order: each block's, then the LM head."""
+    ws = [m.weight for block in model.blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return [*ws, model.output_weight]
+
+
+@torch.no_grad()
+def weight_floor(model: GPT, batch: int, steps: int, rounds: int) -> float:
+    """Seconds per decode step spent in the matrix products alone (fp32, best of ``rounds`` x ``steps``).
+
+    At batch 1 a step is a chain of matrix-vector products whose weights do not stay in the
+    core's cache between steps, so this is the memory-bandwidth floor of decoding."""
+    ws = decode_weights(model)
+    xs = [torch.randn(batch, w.shape[1]) for w in ws]
+
+    def one_pass() -> None:
+        for _ in range(steps):
+            for w, x in zip(ws, xs):
+                torch.nn.functional.linear(x, w)
+
+    one_pass()
+    return min(timed(one_pass) for _ in range(rounds)) / steps
 
 
 def time_rollouts(model: GPT, hf: object, config: object, prompt_len: int, new_tokens: int, batch: int,

@@ -34,7 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from chatforge import __version__
-from chatforge.config import PRESETS, RunConfig, load_config, to_toml
+from chatforge.config import PRESETS, QUANTIZE_CHOICES, RunConfig, load_config, to_toml
 from chatforge.errors import ChatforgeError
 from chatforge.io import dumps_line
 from chatforge.registry.cli import add_models_parser
@@ -362,6 +362,8 @@ def cmd_align_compare_result(args: argparse.Namespace) -> None:
     print(line)
 
 
+QUANTIZE_HELP = ("int8: the model's matrices in int8, as `chatforge serve --quantize int8` runs them (CPU), to "
+                 "measure what quantisation costs")
 FREQUENCY_PENALTY_HELP = ("OpenAI's, in [-2, 2]: a token's logit drops by this for each time it was already generated "
                           "(the prompt does not count); default: eval.generation.FREQUENCY_PENALTY (0.5), which "
                           "breaks a small model's greedy one-token loops")
@@ -469,11 +471,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     from chatforge.device import resolve_device
     from chatforge.eval.lm import perplexity
+    from chatforge.model.quantize import quantize_model
     from chatforge.train.checkpoint import load_model
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
     model, tok, _ = load_model(model_dir, device)
+    model = quantize_model(model, args.quantize)
     shards = args.shards
     if shards:  # a run's shards.json stands for its validation shards
         from chatforge.data.shard import SUMMARY_NAME, split_files
@@ -482,7 +486,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     result = perplexity(model, tok, text=args.text, shards=shards, block_size=args.block_size,
                         batch_size=args.batch_size, max_batches=args.max_batches, device=device,
                         text_field=args.text_field)
-    result = {"model": str(model_dir), **result}
+    result = {"model": str(model_dir), "quantize": args.quantize, **result}
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -523,16 +527,18 @@ def cmd_eval_checks(args: argparse.Namespace) -> None:
             console.print(format_report(report).split("\n\n")[0], markup=False, soft_wrap=True)
         return
 
-    from chatforge.device import resolve_device, resolve_precision
+    from chatforge.device import resolve_device
+    from chatforge.model.quantize import model_precision, quantize_model
     from chatforge.train.checkpoint import load_model
 
     device = resolve_device(args.device)
     model_dir = _model_dir(args)
     model, tok, _ = load_model(model_dir, device)
-    with resolve_precision(args.dtype, device).autocast():
+    model = quantize_model(model, args.quantize)
+    with model_precision(model, args.dtype, device).autocast():
         report, results = evaluate_checks(model, tok, rows, checks, args.max_new_tokens, device,
                                           frequency_penalty=_frequency_penalty(args))
-    report = {"model": str(model_dir), "data": str(data), **report}
+    report = {"model": str(model_dir), "data": str(data), "quantize": args.quantize, **report}
     if args.answers:
         write_jsonl(Path(args.answers), results)
     if args.json:
@@ -839,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--max-batches", type=int, default=None)
     ppl.add_argument("--device", default="auto")
+    ppl.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(func=cmd_eval_perplexity)
 
@@ -858,6 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "catch)")
     chk.add_argument("--device", default="auto")
     chk.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs and AMX CPUs, else fp32), bf16, fp32")
+    chk.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     chk.add_argument("--json", action="store_true", help="print the report as JSON")
     chk.set_defaults(func=cmd_eval_checks)
 

@@ -507,6 +507,8 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"dtype": ("auto", "fp32", "bf16", "
                                              "schedule": ("cosine", "wsd", "constant"),
                                              "optimizer": ("adamw", "muon"), "parallel": ("ddp", "fsdp")}
 CLASSIFY_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("last", "mean")}
+# How a model's matrices may be stored for inference (chatforge.model.quantize): serve, eval
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 DPO_CHOICES: dict[str, tuple[str, ...]] = {"loss_type": ("sigmoid", "robust", "hinge", "ipo")}
 GRPO_CHOICES: dict[str, tuple[str, ...]] = {"scale_rewards": ("group", "none")}
 

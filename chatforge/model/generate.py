@@ -55,10 +55,11 @@ from typing import Any
 
 import torch
 
-from chatforge.device import Precision, resolve_precision
+from chatforge.device import Precision
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.kv_cache import KVCache
+from chatforge.model.quantize import model_precision
 
 __all__ = [
     "Generation",
@@ -348,7 +349,7 @@ def _prepare(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     rows = SamplingRows.build([(temperature, top_k, top_p, repetition_penalty, frequency_penalty,
                                 presence_penalty)] * len(prompts), model_device)
     return _Job(model, prompts, max_new_tokens, rows, set(stop_tokens), seed, model_device,
-                resolve_precision(dtype, model_device))
+                model_precision(model, dtype, model_device))
 
 
 # --------------------------------------------------------------------------- the decode loop

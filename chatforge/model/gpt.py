@@ -345,6 +345,7 @@ class GPT(nn.Module):
         # Tied: no separate module, the logits reuse wte.weight, so the state dict holds
         # the matrix once (safetensors refuses tensors that share storage).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.int8_head: nn.Module | None = None  # set by quantize_model: an int8 copy of the output matrix
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         if self.wpe is not None:  # no RoPE: empty tables keep the attribute without the memory
             cos, sin = cos[:0], sin[:0]
@@ -526,7 +527,10 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (..., vocab) from final hidden states."""
-        logits = F.linear(hidden, self.output_weight).float()
+        if self.int8_head is not None:
+            logits = self.int8_head(hidden.float())
+        else:
+            logits = F.linear(hidden, self.output_weight).float()
         cap = self.config.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

@@ -97,6 +97,7 @@ def model_version(path: Path) -> str:
 def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
     """Load every model of ``settings`` onto its device, each with an (unstarted) engine."""
     from chatforge.device import resolve_device
+    from chatforge.model.quantize import quantize_model
     from chatforge.train.checkpoint import WEIGHTS, load_model
 
     if not settings.models:
@@ -112,6 +113,7 @@ def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
             raise ChatforgeError(f"two models are named {mid!r} ({out[mid].path} and {path}); "
                                  "name them on the command line as NAME=PATH")
         model, tok, _ = load_model(path, device)
+        model = quantize_model(model, settings.quantize)
         engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue,
                         dtype=settings.dtype)
         out[mid] = ServedModel(mid, model_version(path), path, engine, model.config.block_size,

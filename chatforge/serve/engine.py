@@ -56,7 +56,6 @@ from typing import Any
 import torch
 
 from chatforge.chat.template import render_prompt, stop_token_ids
-from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model.generate import (
     SamplingRows,
@@ -66,6 +65,7 @@ from chatforge.model.generate import (
     sample_rows,
 )
 from chatforge.model.gpt import GPT
+from chatforge.model.quantize import model_precision
 
 __all__ = [
     "Engine",
@@ -520,7 +520,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.block_size
         self.vocab_size = model.config.vocab_size
-        self.precision = resolve_precision(dtype, self.device)
+        self.precision = model_precision(model, dtype, self.device)
         self.dtype = self.precision.name  # the forward's precision: "bf16" or "fp32" (or "fp16" on old GPUs)
         self.cache = SlotKVCache.for_model(model, max_batch)
         # Tokens each cache row has seen (prompt + generated), for the repetition penalty; moves with its row.

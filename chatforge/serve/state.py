@@ -55,6 +55,7 @@ class ServeSettings:
     access_log: Path | None = None
     device: str = "auto"
     dtype: str = "auto"  # the engines' forward precision (see Engine)
+    quantize: str = "none"  # "int8": serve int8-quantised copies of the models (chatforge.model.quantize)
     admin_password: str | None = None
     guard_policy: str | None = None  # a safety policy TOML file or "default" (chatforge serve --guard); None: off
 
