@@ -370,6 +370,13 @@ class Detokenizer:
 # --------------------------------------------------------------------------- handles
 
 
+def _deliver(items: list[tuple[GenerationHandle, Any]]) -> None:
+    """Runs in the consumer's event loop: one step's events, in the order the engine made them."""
+    for handle, item in items:
+        assert handle._aq is not None
+        handle._aq.put_nowait(item)
+
+
 class GenerationHandle:
     """One request's results: iterate it (sync or async) for ``TokenEvent``s.
 
@@ -413,6 +420,10 @@ class GenerationHandle:
         """Called by the engine thread."""
         if self._aq is not None:
             assert self._loop is not None
+            outbox = self.engine._outbox
+            if outbox is not None and threading.get_ident() == self.engine._thread_id:
+                outbox.setdefault(self._loop, []).append((self, item))  # delivered at the step's end
+                return
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
             except RuntimeError:  # the consumer's event loop is closed: nobody will read this
@@ -534,6 +545,9 @@ class Engine:
         self._rows: list[_Request] = []  # running requests; index = cache row (engine thread only)
         self._model_lock = threading.Lock()  # one forward at a time (engine steps, prompt scoring)
         self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        # events the engine thread produced in this step, per consumer event loop (see _flush)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Any]]] | None = None
         self._stopping = False
         self._steps = self._tokens = self._prefill_tokens = self._finished = self._cancelled = 0
 
@@ -667,7 +681,20 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop per step, not one per token
+        (with 16 streams, per-token wake-ups cost the loop more than sending the tokens)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in (outbox or {}).items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody will read these
+                for handle, _ in items:
+                    handle._cancel.set()
+
     def _run(self) -> None:
+        self._thread_id = threading.get_ident()
+        self._outbox = {}
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._rows:
@@ -677,8 +704,11 @@ class Engine:
             # Busy: one region until idle again, so autocast makes its bf16 weight copies once
             # (it caches them only outside inference_mode, and drops them when the region ends).
             with torch.no_grad(), forward_autocast(self.precision):
-                while self._step():
-                    pass
+                try:
+                    while self._step():
+                        self._flush()
+                finally:
+                    self._flush()
 
     def _step(self) -> bool:
         """Admit and prefill new requests, then one decode step; False when idle or stopping."""

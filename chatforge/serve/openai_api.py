@@ -79,6 +79,7 @@ MAX_STOP = 16  # OpenAI allows 4; a few more cost nothing
 DEFAULT_COMPLETION_TOKENS = 16  # the legacy completions default
 KEY_CACHE_S = 60.0  # a store key found valid is believed this long without another lookup
 ENGINE_FULL_TIMEOUT_S = 60.0  # a request's later prompts wait this long for room in a full engine
+DISCONNECT_CHECK_S = 0.1  # how often a streaming request asks whether its client is still there
 
 
 # --------------------------------------------------------------------------- errors
@@ -397,6 +398,7 @@ class _Batch:
             if h is not None:
                 launch(k)
         running, full_since = len(tasks), None
+        checked_at = float("-inf")
         try:
             while running or self.pending:
                 if self.pending and running < self.window:
@@ -419,8 +421,13 @@ class _Batch:
                 if ev is None:
                     running -= 1
                     continue
-                if await request.is_disconnected():
-                    return
+                # Asking the server whether the client left costs more than a token: ask at most every
+                # DISCONNECT_CHECK_S, so a departed client frees its slot within that, not at every token.
+                now = time.monotonic()
+                if now - checked_at >= DISCONNECT_CHECK_S:
+                    checked_at = now
+                    if await request.is_disconnected():
+                        return
                 yield k, ev
         finally:  # normal end, client gone (CancelledError) or is_disconnected: free the slots
             self.cancel()
