@@ -420,9 +420,8 @@ class GenerationHandle:
         """Called by the engine thread."""
         if self._aq is not None:
             assert self._loop is not None
-            outbox = self.engine._outbox
-            if outbox is not None and threading.get_ident() == self.engine._thread_id:
-                outbox.setdefault(self._loop, []).append((self, item))  # delivered at the step's end
+            if threading.get_ident() == self.engine._thread_id:  # delivered at the step's end (Engine._flush)
+                self.engine._outbox.setdefault(self._loop, []).append((self, item))
                 return
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
@@ -547,7 +546,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         # events the engine thread produced in this step, per consumer event loop (see _flush)
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Any]]] | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Any]]] = {}
         self._stopping = False
         self._steps = self._tokens = self._prefill_tokens = self._finished = self._cancelled = 0
 
@@ -685,7 +684,7 @@ class Engine:
         """Hand this step's events to their event loops: one wake-up per loop per step, not one per token
         (with 16 streams, per-token wake-ups cost the loop more than sending the tokens)."""
         outbox, self._outbox = self._outbox, {}
-        for loop, items in (outbox or {}).items():
+        for loop, items in outbox.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is closed: nobody will read these
@@ -694,7 +693,6 @@ class Engine:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        self._outbox = {}
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._rows:
