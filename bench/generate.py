@@ -19,6 +19,11 @@ HF uses its default DynamicCache unless ``--hf-cache static``. ``--dtypes``: fp3
 and bf16 by default where the CPU runs it natively (chatforge: ``dtype="bf16"``,
 autocast with an fp32 LM head; HF: its ``generate()`` inside ``torch.autocast``).
 
+``chatforge compiled`` rows (unless ``--no-compile``): ``generate(..., compile=True)``, the decode
+steps through one ``torch.compile``d graph (``chatforge.model.compiled_decode``; Inductor with its
+C++ wrapper on CPU); the prefill stays eager. Its first call compiles (printed, not timed); ends
+also with ``ratio generate_bN_compiled`` (against the same eager HF ``generate()``).
+
 ``chatforge int8`` rows (unless ``--no-int8``): the same greedy decoding with the model's
 matrices in int8 (``chatforge.model.quantize``, what ``serve --quantize int8`` runs), fp32
 around them; its "same greedy tokens" column shows how far int8 rounding moves greedy output
@@ -119,6 +124,8 @@ def main() -> None:
                     help="forward precisions to time (default: fp32, and bf16 where the CPU runs it natively)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                     help="also time chatforge with int8 matrices (quantize_model, fp32 around them)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time chatforge generate(compile=True): the compiled decode step")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the serving engine with sampled requests")
     ap.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True,
@@ -165,6 +172,9 @@ def main() -> None:
     def run_chatforge(b: int, dtype: str) -> list[list[int]]:
         return generate(model, prompts[b].tolist(), new_tokens, temperature=0.0, dtype=dtype)
 
+    def run_compiled(b: int, dtype: str) -> list[list[int]]:
+        return generate(model, prompts[b].tolist(), new_tokens, temperature=0.0, dtype=dtype, compile=True)
+
     def run_hf(b: int, dtype: str) -> list[list[int]]:
         ids = prompts[b]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -182,18 +192,25 @@ def main() -> None:
 
     hf_name = f"hf-{type(hf).__name__}"
     runners = {"chatforge": run_chatforge, hf_name: run_hf}
+    if args.compile:
+        runners["chatforge compiled"] = run_compiled
     if int8 is not None:
         runners["chatforge int8"] = run_int8
     if args.engine:
         runners["chatforge engine (sampled)"] = run_served
     cases = [(name, d, b) for d in args.dtypes for b in args.batches for name in runners
              if name != "chatforge int8" or d == "fp32"]  # int8 runs fp32 around its products
-    outputs = {case: runners[case[0]](case[2], case[1]) for case in cases}  # warmup
+    outputs, warmup = {}, {}
+    for case in cases:  # warmup; the compiled runner compiles its graphs here
+        warmup[case] = timed(lambda case=case: outputs.__setitem__(case, runners[case[0]](case[2], case[1])))
+    for case, sec in warmup.items():
+        if case[0] == "chatforge compiled":
+            print(f"chatforge compiled, {case[1]}, batch {case[2]}: first call (compiles) {sec:.1f} s")
     agree = {}
     for d in args.dtypes:  # greedy chatforge vs HF, same dtype
         for b in args.batches:
             theirs = outputs[(hf_name, d, b)]
-            for name in ("chatforge", "chatforge int8"):
+            for name in ("chatforge", "chatforge compiled", "chatforge int8"):
                 if (name, d, b) in outputs:
                     ours = outputs[(name, d, b)]
                     agree[(name, d, b)] = sum(x == y for r0, r1 in zip(ours, theirs)
@@ -232,6 +249,9 @@ def main() -> None:
     d0 = "fp32" if "fp32" in args.dtypes else args.dtypes[0]
     for b in args.batches:
         print(f"ratio generate_b{b}: {best[(hf_name, d0, b)] / best[('chatforge', d0, b)]:.3f}")
+    if args.compile:
+        for b in args.batches:
+            print(f"ratio generate_b{b}_compiled: {best[(hf_name, d0, b)] / best[('chatforge compiled', d0, b)]:.3f}")
     if int8 is not None and "fp32" in args.dtypes:
         for b in args.batches:  # int8 chatforge against fp32 HF: what --quantize int8 buys a user
             print(f"ratio generate_b{b}_int8_vs_hf_fp32: {best[(hf_name, 'fp32', b)] / best[('chatforge int8', 'fp32', b)]:.3f}")
