@@ -422,3 +422,21 @@ def test_serve_arguments(tmp_path, model_dir, monkeypatch):
     assert s.rate_limit_per_minute == 0 and s.admin_password == "secret-pw" and s.max_batch == 16
     with pytest.raises(Exception, match="--max-batch must be >= 1"):
         settings_from_args(parser.parse_args(["serve", str(model_dir), "--no-db", "--max-batch", "0"]))
+
+
+def test_streamed_text_chunk_template_renders_exactly_the_chunk():
+    from chatforge.serve.openai_api import _MARK, _sse, _text_chunk_template
+
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "system_fingerprint": "fp"}
+
+    def chunk(delta: dict, usage: bool) -> str:
+        c = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+        if usage:
+            c["usage"] = None
+        return _sse(c)
+
+    for usage in (False, True):
+        render = _text_chunk_template(chunk({"content": _MARK}, usage))
+        for text in ["hi", 'a "quote" \\ back', "line\nbreak\u2028sep", "é ✓ 中文", " "]:
+            assert render(text) == chunk({"content": text}, usage)

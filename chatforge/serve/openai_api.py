@@ -320,6 +320,17 @@ def _sse(obj: Any) -> str:
     return f"data: {dumps_line(obj)}\n\n"
 
 
+_MARK = "\ue000chatforge-text\ue000"  # a private-use placeholder no generated text is compared against
+
+
+def _text_chunk_template(rendered: str) -> Any:
+    """``rendered``: a whole SSE chunk whose only varying field is the text ``_MARK``. Returns a function of the
+    text giving the same string as rendering the chunk again with that text (``_sse`` of the same dict),
+    without rebuilding and re-serialising the dict at every token."""
+    pre, post = rendered.split(dumps_line(_MARK))
+    return lambda text: pre + dumps_line(text) + post
+
+
 def _failure(handle: GenerationHandle) -> APIError | None:
     """The error to report for a request that did not end normally."""
     if handle.finish_reason == "error":
@@ -381,6 +392,23 @@ class _Batch:
 
     async def events(self, request: Request) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, TokenEvent) as they come; cancels everything if the client leaves."""
+        if len(self.handles) == 1 and self.handles[0] is not None and not self.pending:
+            # One prompt (every chat completion): read its handle directly. The general path below hands
+            # each token through a helper task and a second queue, an extra event-loop wake-up per token
+            # that costs the loop about as much as the rest of streaming it, with 16 streams at once.
+            handle = self.handles[0]
+            checked_at = float("-inf")
+            try:
+                async for ev in handle:
+                    now = time.monotonic()
+                    if now - checked_at >= DISCONNECT_CHECK_S:  # see below
+                        checked_at = now
+                        if await request.is_disconnected():
+                            return
+                    yield 0, ev
+            finally:
+                self.cancel()
+            return
         q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         tasks: list[asyncio.Task] = []
 
@@ -627,6 +655,8 @@ async def chat_completions(request: Request) -> Any:
                     c["usage"] = None
                 return _sse(c)
 
+            content_chunk = _text_chunk_template(chunk({"content": _MARK}))
+
             ended = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
@@ -636,8 +666,10 @@ async def chat_completions(request: Request) -> Any:
                         if want_lp and ev.token_id >= 0:
                             lp = {"content": [_chat_logprobs(tok, ev)]}
                         text = ev.text if filt is None else filt.push(ev.text)
-                        if text or lp:
+                        if lp:
                             yield chunk({"content": text}, lp=lp)
+                        elif text:
+                            yield content_chunk(text)
                         if filt is not None and filt.refused:
                             batch.cancel()  # the guard cut the answer: stop generating it
                             break
