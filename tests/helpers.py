@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,3 +87,16 @@ class FixedBatches:
 
     def load_state_dict(self, s):
         self.i = s["i"]
+
+
+def random_gpt(seed: int = 0, **config: Any) -> Any:
+    """A GPT (in eval mode) with random weights everywhere: the real init zeroes the LM head and the output
+    projections, which would make every logit equal. ``config``: GPTConfig fields."""
+    from chatforge.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()

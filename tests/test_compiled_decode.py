@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
+from helpers import random_gpt
 
-from chatforge.model import GPT, GPTConfig, generate, generate_details
+from chatforge.model import GPT, generate, generate_details
 from chatforge.model.compiled_decode import bucket_len, can_compile
 from chatforge.model.quantize import quantize_model
 
@@ -18,14 +18,8 @@ PROMPTS = [[3, 17, 5, 9, 1, 22, 8], [4], [30, 2, 11]]  # different lengths: left
 
 
 def randomized(seed: int = 0, **kw) -> GPT:
-    cfg = dict(vocab_size=V, block_size=96, n_layer=2, n_embd=32, n_head=4)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    """Random weights everywhere (helpers.random_gpt) on this file's small default shape."""
+    return random_gpt(seed, **{**dict(vocab_size=V, block_size=96, n_layer=2, n_embd=32, n_head=4), **kw})
 
 
 @pytest.mark.parametrize("kw", [

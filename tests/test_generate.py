@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from helpers import random_gpt
 
 from chatforge.device import resolve_precision
 from chatforge.errors import ChatforgeError
 from chatforge.model import (
     GPT,
-    GPTConfig,
     KVCache,
     adjust_logits,
     generate,
@@ -30,15 +30,8 @@ V = 40
 
 
 def randomized(seed: int = 0, **kw) -> GPT:
-    """Random weights everywhere (the real init zeroes the LM head: all logits equal)."""
-    cfg = dict(vocab_size=V, block_size=48, n_layer=2, n_embd=32, n_head=4)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    """Random weights everywhere (helpers.random_gpt) on this file's small default shape."""
+    return random_gpt(seed, **{**dict(vocab_size=V, block_size=48, n_layer=2, n_embd=32, n_head=4), **kw})
 
 
 def naive_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:

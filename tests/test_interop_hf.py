@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_gpt
 
 from chatforge.errors import ConfigError
 from chatforge.interop import hf_config, to_hf
@@ -15,15 +16,8 @@ V = 97
 
 
 def randomized(seed: int = 0, **kw) -> GPT:
-    """Random weights everywhere (the real init zeroes the LM head and output projections)."""
-    cfg = dict(vocab_size=V, block_size=64, n_layer=2, n_embd=64, n_head=4)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    """Random weights everywhere (helpers.random_gpt) on this file's small default shape."""
+    return random_gpt(seed, **{**dict(vocab_size=V, block_size=64, n_layer=2, n_embd=64, n_head=4), **kw})
 
 
 SHAPES = {
