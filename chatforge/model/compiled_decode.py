@@ -34,6 +34,7 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.kv_cache import KVCache
+from chatforge.model.quantize import is_quantized
 
 __all__ = ["CompiledDecode", "StepCache", "bucket_len", "can_compile"]
 
@@ -52,8 +53,7 @@ def bucket_len(need: int, block_size: int) -> int:
 
 def can_compile(model: GPT) -> str | None:
     """Why ``model`` cannot take the compiled decode step, or None when it can."""
-    if getattr(model, "int8_head", None) is not None or any(
-            type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+    if is_quantized(model):
         return "int8 weights (torch.ao dynamic quantisation) run eagerly"
     return None
 
@@ -66,8 +66,9 @@ class StepCache:
     writes, ``positions`` (B,) the RoPE position of its new token, ``valid`` (B, L) the columns that
     hold real tokens, ``k``/``v`` one (B, H_kv, L, D) tensor per layer and ``last`` (each smeared-key
     layer's last raw key). Each layer's keys are their own tensor, not a view of one big one: a graph
-    that writes into a view of an input copies the whole input back, every step. ``pos`` is 0 so that ``forward_hidden`` skips its context check: the caller checks the
-    real lengths, which a fixed-shape graph cannot see.
+    that writes into a view of an input copies the whole input back, every step. ``pos`` is 0 so that
+    ``forward_hidden`` skips its context check: the caller checks the real lengths, which a
+    fixed-shape graph cannot see.
     """
 
     pos = 0
