@@ -51,7 +51,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -323,7 +323,7 @@ def _sse(obj: Any) -> str:
 _MARK = "\ue000chatforge-text\ue000"  # a private-use placeholder no generated text is compared against
 
 
-def _text_chunk_template(rendered: str) -> Any:
+def _text_chunk_template(rendered: str) -> Callable[[str], str]:
     """``rendered``: a whole SSE chunk whose only varying field is the text ``_MARK``. Returns a function of the
     text giving the same string as rendering the chunk again with that text (``_sse`` of the same dict),
     without rebuilding and re-serialising the dict at every token."""
@@ -339,6 +339,22 @@ def _failure(handle: GenerationHandle) -> APIError | None:
         return APIError(503, "generation was cancelled (the server is shutting down)", type="server_error",
                         code="cancelled")
     return None
+
+
+class _ClientLeft:
+    """``await left()``: whether a streaming request's client has gone. Asking the server costs more than a
+    token, so it asks at most every ``DISCONNECT_CHECK_S`` (a departed client frees its slot within that, not
+    at every token) and answers False in between."""
+
+    def __init__(self, request: Request) -> None:
+        self.request, self.checked_at = request, float("-inf")
+
+    async def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at < DISCONNECT_CHECK_S:
+            return False
+        self.checked_at = now
+        return await self.request.is_disconnected()
 
 
 class _Batch:
@@ -396,15 +412,11 @@ class _Batch:
             # One prompt (every chat completion): read its handle directly. The general path below hands
             # each token through a helper task and a second queue, an extra event-loop wake-up per token
             # that costs the loop about as much as the rest of streaming it, with 16 streams at once.
-            handle = self.handles[0]
-            checked_at = float("-inf")
+            handle, left = self.handles[0], _ClientLeft(request)
             try:
                 async for ev in handle:
-                    now = time.monotonic()
-                    if now - checked_at >= DISCONNECT_CHECK_S:  # see below
-                        checked_at = now
-                        if await request.is_disconnected():
-                            return
+                    if await left():
+                        return
                     yield 0, ev
             finally:
                 self.cancel()
@@ -426,7 +438,7 @@ class _Batch:
             if h is not None:
                 launch(k)
         running, full_since = len(tasks), None
-        checked_at = float("-inf")
+        left = _ClientLeft(request)
         try:
             while running or self.pending:
                 if self.pending and running < self.window:
@@ -449,13 +461,8 @@ class _Batch:
                 if ev is None:
                     running -= 1
                     continue
-                # Asking the server whether the client left costs more than a token: ask at most every
-                # DISCONNECT_CHECK_S, so a departed client frees its slot within that, not at every token.
-                now = time.monotonic()
-                if now - checked_at >= DISCONNECT_CHECK_S:
-                    checked_at = now
-                    if await request.is_disconnected():
-                        return
+                if await left():
+                    return
                 yield k, ev
         finally:  # normal end, client gone (CancelledError) or is_disconnected: free the slots
             self.cancel()
