@@ -634,7 +634,8 @@ class Server:
         self.log_path = self.log_dir / f"server-{self.starts}.log"
         cmd = [sys.executable, "-m", "chatforge.serve.cli", str(self.args.model), "--db", self.db_url,
                "--host", "127.0.0.1", "--port", str(self.port), "--device", self.args.device,
-               "--access-log", os.devnull, *(x for kv in self.flags.items() for x in kv)]
+               "--access-log", os.devnull, *(x for kv in self.flags.items() for x in kv),
+               *(["--compile"] if self.args.compile else [])]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
@@ -695,6 +696,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     ap.add_argument("--device", default="auto", help="the server's --device")
+    ap.add_argument("--compile", action="store_true",
+                    help="start the server with --compile (a compiled prefill; the server compiles before /health "
+                         "answers, so no phase pays for it)")
     ap.add_argument("--turns", type=int, default=3, help="messages per conversation in the feedback phase")
     ap.add_argument("--fault-duration", type=float, default=None,
                     help="seconds of the fault phase, half before the SIGKILL and half after the restart "
@@ -735,7 +739,7 @@ def main() -> None:
         try:
             health = httpx.get(server.base + "/health", timeout=10).json()
             print(f"server: {server.base}, model {', '.join(health['models'])} ({args.model}), device {args.device}, "
-                  f"max_batch {args.max_batch}, database {store.safe_url}; cpu cores: {os.cpu_count()}")
+                  f"max_batch {args.max_batch}, prefill {'compiled' if args.compile else 'eager'}, database {store.safe_url}; cpu cores: {os.cpu_count()}")
             print(f"prompts: {len(prompts)} from {source}; max_tokens {args.max_tokens}, temperature "
                   f"{args.temperature}; {args.duration:g} s per phase, request timeout {args.request_timeout:g} s")
             for name, n in (("1 client", 1), (f"{args.clients} clients", args.clients)):

@@ -139,3 +139,14 @@ def test_hosts_proxies_and_limits_flags(runs):
     assert s.docs and s.rate_limit_tokens_per_minute == 5000 and s.max_prompts_per_request == 4
     with pytest.raises(ChatforgeError, match="--max-prompts must be >= 1"):
         settings_from_args(parse(model, "--no-db", "--max-prompts", "0"))
+
+
+def test_compile_flag_reaches_the_engines(runs):
+    model = str(runs / "default" / "finetune" / "sft" / "model")
+    assert settings_from_args(parse(model, "--no-db")).compile is False
+    s = settings_from_args(parse(model, "--no-db", "--compile"))
+    assert s.compile is True
+    from chatforge.serve.app import load_models
+
+    (served,) = load_models(s).values()
+    assert served.engine.compile is True and served.engine.running is False  # compiles at start, not at load

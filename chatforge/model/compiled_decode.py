@@ -18,8 +18,9 @@ One compiled graph needs fixed shapes, so (like gpt-fast's static cache):
   calls with different prompt lengths share a few graphs, at the price of
   attending over a few unused (masked) columns.
 
-The prefill (many tokens at once) stays eager: it runs once per call and is made of
-large products that compiling would not speed up. The first call for a new batch
+The prefill (many tokens at once) stays eager here: it runs once per call, and a compiled
+one needs a graph per padded prompt length. The serving engine, which prefills every
+request, compiles it instead (``compiled_prefill.py``: 7.2 -> 3.1 ms for 185 tokens). The first call for a new batch
 size or cache length compiles (tens of seconds on a CPU); later calls reuse it.
 Compiling pays for long generations and for serving, not for one short reply, which
 is why it is an option (``generate(..., compile=True)``) and not the default.
@@ -84,8 +85,8 @@ class StepCache:
     def previous(self, name: str) -> torch.Tensor | None:
         return self.last.get(name)
 
-    def remember(self, name: str, last: torch.Tensor) -> None:
-        self.last[name].copy_(last)
+    def remember(self, name: str, keys: torch.Tensor) -> None:
+        self.last[name].copy_(keys[:, :, -1:])
 
     def prepare(self, n_new: int, padding_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:

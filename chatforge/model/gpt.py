@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
             prev = torch.cat([first.to(k.dtype) if first is not None else torch.zeros_like(k[:, :, :1]),
                               k[:, :, :-1]], dim=2)
             if kv_cache is not None:
-                kv_cache.remember(name, k[:, :, -1:])
+                kv_cache.remember(name, k)  # the raw keys; the cache keeps what it needs
             a = torch.sigmoid(self.key_smear).to(k.dtype)[None, :, None, None]
             k = torch.where(prev_ok[:, None, :, None], a * k + (1 - a) * prev, k)
         if self.qk_norm:

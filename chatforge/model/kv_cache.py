@@ -93,9 +93,9 @@ class KVCache:
         """The tensor kept under ``name`` for the last token written (see ``remember``)."""
         return self.last.get(name) if self.pos else None
 
-    def remember(self, name: str, last: torch.Tensor) -> None:
-        """Keep a per-row tensor of this step's last token (a layer's raw key, for smeared keys)."""
-        self.last[name] = last.detach()
+    def remember(self, name: str, keys: torch.Tensor) -> None:
+        """Keep each row's last column of this step's (B, H, T, D) raw keys of a layer (for smeared keys)."""
+        self.last[name] = keys[:, :, -1:].detach()
 
     def prepare(
         self, n_new: int, padding_mask: torch.Tensor | None

@@ -115,7 +115,7 @@ def load_models(settings: ServeSettings) -> dict[str, ServedModel]:
         model, tok, _ = load_model(path, device)
         model = quantize_model(model, settings.quantize)
         engine = Engine(model, tok, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        dtype=settings.dtype)
+                        dtype=settings.dtype, compile=settings.compile)
         out[mid] = ServedModel(mid, model_version(path), path, engine, model.config.block_size,
                                created=int((path / WEIGHTS).stat().st_mtime))
     return out

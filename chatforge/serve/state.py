@@ -56,6 +56,7 @@ class ServeSettings:
     device: str = "auto"
     dtype: str = "auto"  # the engines' forward precision (see Engine)
     quantize: str = "none"  # "int8": serve int8-quantised copies of the models (chatforge.model.quantize)
+    compile: bool = False  # compile the engines' prefill for a few prompt-length buckets at start (Engine)
     admin_password: str | None = None
     guard_policy: str | None = None  # a safety policy TOML file or "default" (chatforge serve --guard); None: off
 
