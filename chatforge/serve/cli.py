@@ -118,8 +118,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         "runs fp32 around them); the README states its measured quality cost")
     p.add_argument("--compile", action="store_true",
                    help="compile each model's prompt forward (prefill) for a few length buckets before serving: "
-                        "about a minute at the first start on a 2-core CPU (cached on disk after), then about half "
-                        "the time to first token; int8 models cannot")
+                        "about a minute at the first start on a 2-core CPU (cached on disk after); a 185-token "
+                        "prefill of the tiny model then takes 3.1 ms instead of 7.2; int8 models cannot")
     p.set_defaults(func=cmd_serve)
     return p
 
