@@ -116,20 +116,27 @@ def _decode(model: GPT, idx: torch.Tensor, k: list[torch.Tensor], v: list[torch.
         return model.logits_from_hidden(hidden.float())
 
 
+def compile_fixed_shapes(fn: Any, recompile_limit: int = RECOMPILE_LIMIT) -> Any:
+    """``torch.compile(fn)`` with one graph per input shape (``dynamic=False``) and Inductor's C++ wrapper on
+    CPU, as the compiled decode step and the compiled prefill use it. One compiled function serves every
+    model: Dynamo keys its graphs by model, shapes and precision, so the recompile limit is raised to
+    ``recompile_limit`` (the default, 8, would silently fall back to eager for a server or an eval that
+    sees more combinations)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    options = {"cpp_wrapper": True} if not torch.cuda.is_available() else {}
+    return torch.compile(fn, dynamic=False, options=options)
+
+
 _compiled: Any = None
 
 
 def _compiled_decode() -> Any:
-    """One compiled function for every model (Dynamo keys its graphs by model, shapes and precision)."""
+    """Each (model, batch size, cache length, precision) is its own graph."""
     global _compiled
     if _compiled is None:
-        import torch._dynamo
-
-        # Each (model, batch size, cache length, precision) is its own graph; the default limit (8)
-        # would silently fall back to eager for a server or an eval that sees more combinations.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        options = {"cpp_wrapper": True} if not torch.cuda.is_available() else {}
-        _compiled = torch.compile(_decode, dynamic=False, options=options)
+        _compiled = compile_fixed_shapes(_decode)
     return _compiled
 
 

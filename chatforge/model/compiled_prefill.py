@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from chatforge.model.compiled_decode import compile_fixed_shapes
 from chatforge.model.gpt import GPT
 
 __all__ = ["PrefillOutput", "compiled_prefill", "prefill_bucket", "prefill_buckets", "warm_up"]
@@ -98,14 +99,10 @@ _compiled: Any = None
 
 
 def _compiled_prefill() -> Callable[..., Any]:
+    """Each (model, bucket, precision) is its own graph."""
     global _compiled
     if _compiled is None:
-        import torch._dynamo
-
-        # one graph per (model, bucket, precision); the default limit (8) would fall back to eager silently
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        options = {"cpp_wrapper": True} if not torch.cuda.is_available() else {}
-        _compiled = torch.compile(_prefill, dynamic=False, options=options)
+        _compiled = compile_fixed_shapes(_prefill, RECOMPILE_LIMIT)
     return _compiled
 
 

